@@ -1,0 +1,422 @@
+//! The `s4db` command line: argument parsing and the commands.
+//!
+//! Exit codes: 0 success, 1 key not found, 2 any other error, with a one-line
+//! reason on stderr. Long operations draw a progress bar only on a terminal.
+
+use crate::db::{OpenOptions, Progress, S4db, ScanMode};
+use crate::error::{Error, Result};
+use crate::remote::s3::ChecksumMode;
+use crate::target::{DbTarget, StoreOptions};
+use crate::Value;
+use base64::Engine as _;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::io::{BufRead, IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "s4db",
+    version,
+    about = "A key-value store in S3: get, put and maintain an s4db database",
+    after_help = "DB is bucket or bucket/prefix (the Python S4DB(bucket, \"prefix/\")).\n\
+                  Exit codes: 0 success, 1 key not found, 2 any other error."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// S3 endpoint (also AWS_ENDPOINT_URL), e.g. http://127.0.0.1:9000
+    #[arg(long, global = true, value_name = "URL")]
+    pub endpoint_url: Option<String>,
+    /// AWS region (default: from the environment or profile, else us-east-1)
+    #[arg(long, global = true, value_name = "R")]
+    pub region: Option<String>,
+    /// Path-style addressing (http://host/bucket/key), for MinIO, moto and friends
+    #[arg(long, global = true)]
+    pub force_path_style: bool,
+    /// AWS profile from ~/.aws/config
+    #[arg(long, global = true, value_name = "P")]
+    pub profile: Option<String>,
+    /// Working directory for data files; keeps unsynced writes across runs
+    #[arg(long, global = true, value_name = "DIR")]
+    pub local_dir: Option<PathBuf>,
+    /// Use the embedded local-directory backend rooted at DIR instead of S3
+    /// (objects are files under DIR/bucket/)
+    #[arg(long, global = true, value_name = "DIR", env = "S4DB_LOCAL_STORE")]
+    pub local_store: Option<PathBuf>,
+    /// Writing commands: keep the writes in --local-dir, do not upload
+    #[arg(long, global = true)]
+    pub no_upload: bool,
+    /// Plain PUTs for services without conditional writes (can lose concurrent commits)
+    #[arg(long, global = true)]
+    pub unfenced: bool,
+    /// Request checksums: when-required works with most S3-compatible services
+    #[arg(long, global = true, value_enum, default_value = "when-required")]
+    pub checksums: Checksums,
+    /// Soft size limit of a data file, in bytes
+    #[arg(long, global = true, value_name = "BYTES")]
+    pub max_file_size: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Checksums {
+    WhenRequired,
+    WhenSupported,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print a value's bytes on stdout (exit 1 if the key does not exist)
+    Get { db: String, key: String },
+    /// Store a value from the argument, or from stdin when omitted
+    Put {
+        db: String,
+        key: String,
+        value: Option<String>,
+    },
+    /// Delete keys (absent keys are skipped)
+    Delete {
+        db: String,
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
+    /// List keys, one per line
+    Keys {
+        db: String,
+        /// Separate keys with NUL bytes instead of newlines
+        #[arg(long)]
+        null: bool,
+        /// Only keys starting with this
+        #[arg(long)]
+        prefix: Option<String>,
+    },
+    /// Read JSON Lines from stdin: {"key": K, "value": "text"} or {"key": K, "value_base64": B64}
+    Import {
+        db: String,
+        /// Keys per put batch
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+    },
+    /// Write every key and value to stdout as JSON Lines (the import format)
+    Export { db: String },
+    /// Publish local writes (from --local-dir) to the store
+    Upload { db: String },
+    /// Download every data file and the index into --local-dir
+    Download {
+        db: String,
+        /// Discard unsynced local writes
+        #[arg(long)]
+        force: bool,
+    },
+    /// Rewrite live entries into new files and drop dead ones
+    Compact { db: String },
+    /// Rebuild the index by replaying data files
+    RebuildIndex {
+        db: String,
+        /// Download every data file under the prefix first (recovers a lost index)
+        #[arg(long)]
+        from_s3: bool,
+    },
+    /// Delete data objects the index does not reference
+    Gc {
+        db: String,
+        /// Keep objects younger than this many seconds
+        #[arg(long, default_value_t = 86400)]
+        grace: u64,
+    },
+    /// Print statistics as JSON
+    Stats { db: String },
+}
+
+/// What `main` exits with.
+pub enum Outcome {
+    Ok,
+    NotFound,
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> Result<Outcome> {
+    let g = &cli.global;
+    let writes = matches!(
+        cli.command,
+        Command::Put { .. } | Command::Delete { .. } | Command::Import { .. }
+    );
+    if writes && g.no_upload && g.local_dir.is_none() {
+        return Err(Error::Usage(
+            "--no-upload needs --local-dir: without it the writes would be lost when s4db exits"
+                .into(),
+        ));
+    }
+    let db_spec = match &cli.command {
+        Command::Get { db, .. }
+        | Command::Put { db, .. }
+        | Command::Delete { db, .. }
+        | Command::Keys { db, .. }
+        | Command::Import { db, .. }
+        | Command::Export { db }
+        | Command::Upload { db }
+        | Command::Download { db, .. }
+        | Command::Compact { db }
+        | Command::RebuildIndex { db, .. }
+        | Command::Gc { db, .. }
+        | Command::Stats { db } => db.clone(),
+    };
+    let target = DbTarget::parse(&db_spec)?;
+    let store = StoreOptions {
+        local_store: g.local_store.clone(),
+        endpoint_url: g.endpoint_url.clone(),
+        region: g.region.clone(),
+        force_path_style: g.force_path_style,
+        profile: g.profile.clone(),
+        checksums: match g.checksums {
+            Checksums::WhenRequired => ChecksumMode::WhenRequired,
+            Checksums::WhenSupported => ChecksumMode::WhenSupported,
+        },
+    }
+    .connect(&target)
+    .await?;
+    let mut opts = OpenOptions {
+        local_dir: g.local_dir.clone(),
+        fenced: !g.unfenced,
+        ignore_corrupt_index: matches!(cli.command, Command::RebuildIndex { .. }),
+        progress: TerminalProgress::new().map(|p| Arc::new(p) as Arc<dyn Progress>),
+        ..OpenOptions::default()
+    };
+    if let Some(max) = g.max_file_size {
+        opts.max_file_size = max;
+    }
+    let db = S4db::open(store, &target.prefix, opts).await?;
+    let upload = !g.no_upload;
+    let mut stdout = std::io::stdout().lock();
+    let out = |e: std::io::Error| Error::io("write", "stdout", e);
+
+    match cli.command {
+        Command::Get { key, .. } => match db.get(&key).await? {
+            Some(value) => {
+                stdout.write_all(value.as_bytes()).map_err(out)?;
+                stdout.flush().map_err(out)?;
+            }
+            None => {
+                eprintln!("s4db: key {key:?} not found in {db_spec}");
+                return Ok(Outcome::NotFound);
+            }
+        },
+        Command::Put { key, value, .. } => {
+            let bytes = match value {
+                Some(v) => v.into_bytes(),
+                None => {
+                    let mut buf = Vec::new();
+                    std::io::stdin()
+                        .read_to_end(&mut buf)
+                        .map_err(|e| Error::io("read", "stdin", e))?;
+                    buf
+                }
+            };
+            db.put([(key, Value::from_bytes_guess(bytes))])?;
+            finish_writes(&db, upload).await?;
+        }
+        Command::Delete { keys, .. } => {
+            let n = db.delete(&keys)?;
+            if n < keys.len() {
+                eprintln!(
+                    "s4db: {} of {} keys did not exist",
+                    keys.len() - n,
+                    keys.len()
+                );
+            }
+            finish_writes(&db, upload).await?;
+        }
+        Command::Keys { null, prefix, .. } => {
+            let sep: &[u8] = if null { b"\0" } else { b"\n" };
+            let keys = match prefix {
+                Some(p) => db.keys_with_prefix(&p),
+                None => db.keys(),
+            };
+            let mut w = std::io::BufWriter::new(stdout);
+            for k in keys {
+                w.write_all(k.as_bytes())
+                    .and_then(|_| w.write_all(sep))
+                    .map_err(out)?;
+            }
+            w.flush().map_err(out)?;
+        }
+        Command::Import { batch, .. } => {
+            let n = import(&db, batch.max(1))?;
+            eprintln!("s4db: imported {n} keys");
+            finish_writes(&db, upload).await?;
+        }
+        Command::Export { .. } => {
+            let mut w = std::io::BufWriter::new(stdout);
+            db.scan(ScanMode::Local, |key, value| {
+                let line = match value {
+                    Value::Text(text) => serde_json::json!({ "key": key, "value": text }),
+                    Value::Binary(b) => serde_json::json!({
+                        "key": key,
+                        "value_base64": base64::engine::general_purpose::STANDARD.encode(b),
+                    }),
+                };
+                serde_json::to_writer(&mut w, &line)
+                    .map_err(std::io::Error::from)
+                    .and_then(|_| w.write_all(b"\n"))
+                    .map_err(out)
+            })
+            .await?;
+            w.flush().map_err(out)?;
+        }
+        Command::Upload { .. } => {
+            let report = db.upload().await?;
+            print_json(&mut stdout, &report)?;
+        }
+        Command::Download { force, .. } => {
+            if g.local_dir.is_none() {
+                return Err(Error::Usage(
+                    "download needs --local-dir (where to put the files)".into(),
+                ));
+            }
+            db.download(force).await?;
+        }
+        Command::Compact { .. } => {
+            db.upload().await?;
+            let report = db.compact().await?;
+            print_json(&mut stdout, &report)?;
+        }
+        Command::RebuildIndex { from_s3, .. } => {
+            let report = db.rebuild_index(from_s3).await?;
+            for torn in &report.torn {
+                eprintln!("s4db: warning: {torn}");
+            }
+            if upload {
+                db.upload().await?;
+            }
+            print_json(&mut stdout, &report)?;
+        }
+        Command::Gc { grace, .. } => {
+            let deleted = db.gc(Duration::from_secs(grace)).await?;
+            print_json(&mut stdout, &serde_json::json!({ "deleted": deleted }))?;
+        }
+        Command::Stats { .. } => print_json(&mut stdout, &db.stats())?,
+    }
+    Ok(Outcome::Ok)
+}
+
+async fn finish_writes(db: &S4db, upload: bool) -> Result<()> {
+    if upload {
+        db.upload().await?;
+    } else {
+        db.flush()?;
+    }
+    Ok(())
+}
+
+fn print_json(w: &mut impl Write, value: &impl serde::Serialize) -> Result<()> {
+    serde_json::to_writer_pretty(&mut *w, value)
+        .map_err(std::io::Error::from)
+        .and_then(|_| w.write_all(b"\n"))
+        .map_err(|e| Error::io("write", "stdout", e))
+}
+
+/// One import line: `{"key": K, "value": "text"}` or `{"key": K, "value_base64": B64}`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportLine {
+    key: String,
+    value: Option<String>,
+    value_base64: Option<String>,
+}
+
+fn import(db: &S4db, batch: usize) -> Result<u64> {
+    let progress = TerminalProgress::new();
+    if let Some(p) = &progress {
+        p.start("importing", 0, "keys");
+    }
+    let mut items = Vec::with_capacity(batch);
+    let mut count = 0u64;
+    for (i, line) in std::io::stdin().lock().lines().enumerate() {
+        let line = line.map_err(|e| Error::io("read", "stdin", e))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |why: String| Error::Usage(format!("stdin line {}: {why}", i + 1));
+        let parsed: ImportLine = serde_json::from_str(&line).map_err(|e| bad(e.to_string()))?;
+        let value = match (parsed.value, parsed.value_base64) {
+            (Some(text), None) => Value::Text(text),
+            (None, Some(b64)) => Value::Binary(
+                base64::engine::general_purpose::STANDARD
+                    .decode(b64.trim())
+                    .map_err(|e| bad(format!("value_base64 of {:?}: {e}", parsed.key)))?,
+            ),
+            _ => {
+                return Err(bad(format!(
+                    "key {:?} needs exactly one of \"value\" and \"value_base64\"",
+                    parsed.key
+                )))
+            }
+        };
+        crate::db::validate_key(&parsed.key).map_err(|e| bad(e.to_string()))?;
+        items.push((parsed.key, value));
+        if items.len() >= batch {
+            count += items.len() as u64;
+            db.put(std::mem::take(&mut items))?;
+            if let Some(p) = &progress {
+                p.advance(batch as u64);
+            }
+        }
+    }
+    count += items.len() as u64;
+    db.put(items)?;
+    if let Some(p) = &progress {
+        p.finish();
+    }
+    Ok(count)
+}
+
+/// A progress bar on stderr, only when stderr is a terminal.
+struct TerminalProgress {
+    bar: Mutex<Option<indicatif::ProgressBar>>,
+}
+
+impl TerminalProgress {
+    fn new() -> Option<TerminalProgress> {
+        std::io::stderr().is_terminal().then(|| TerminalProgress {
+            bar: Mutex::new(None),
+        })
+    }
+}
+
+impl Progress for TerminalProgress {
+    fn start(&self, what: &str, total: u64, unit: &str) {
+        let bar = if total == 0 {
+            indicatif::ProgressBar::new_spinner()
+        } else {
+            indicatif::ProgressBar::new(total)
+        };
+        let template = if total == 0 {
+            format!("{{spinner}} {what}: {{pos}} {unit} ({{per_sec}})")
+        } else {
+            format!("{what} [{{bar:30}}] {{pos}}/{{len}} {unit} ({{eta}})")
+        };
+        if let Ok(style) = indicatif::ProgressStyle::with_template(&template) {
+            bar.set_style(style);
+        }
+        *self.bar.lock().unwrap() = Some(bar);
+    }
+
+    fn advance(&self, n: u64) {
+        if let Some(bar) = &*self.bar.lock().unwrap() {
+            bar.inc(n);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = self.bar.lock().unwrap().take() {
+            bar.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! Upload: publish new data files, then commit the index (FORMAT.md, "Commit protocol").
+//!
+//! An upload seals the active file, so every data file is uploaded exactly
+//! once: an upload transfers only the bytes written since the last one. The
+//! index PUT is a compare-and-swap on the ETag we loaded; when another writer
+//! committed first we take its index, put our uncommitted writes back on top
+//! (last writer wins per key) and try again.
+
+use super::state::OwnFile;
+use super::S4db;
+use crate::error::{Error, Result};
+use crate::format::{data_file_name, Index, INDEX_NAME};
+use crate::remote::{PutCondition, StoreError};
+use futures::StreamExt;
+use md5::{Digest, Md5};
+use std::collections::HashMap;
+
+/// What an upload did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct UploadReport {
+    /// Data files uploaded.
+    pub files: usize,
+    /// Bytes of data files uploaded.
+    pub bytes: u64,
+    /// Whether the index was committed (false: there was nothing to publish).
+    pub committed: bool,
+    /// How many times the commit rebased onto another writer's index.
+    pub rebases: u32,
+}
+
+impl S4db {
+    /// Publishes local writes: PUTs each data file written since the last
+    /// upload (create-only), then commits the index with a conditional PUT.
+    /// On a lost race, rebases onto the winner and retries (bounded).
+    ///
+    /// # Errors
+    /// [`Error::Store`] when a PUT fails after retries (nothing is lost: the
+    /// writes stay unsynced and the next upload tries again);
+    /// [`Error::Conflict`] when the commit lost the race every time, or the
+    /// index was rebuilt and someone committed meanwhile.
+    pub async fn upload(&self) -> Result<UploadReport> {
+        let _serial = self.inner.maintenance.lock().await;
+        self.upload_locked().await
+    }
+
+    pub(crate) async fn upload_locked(&self) -> Result<UploadReport> {
+        let (files, local) = {
+            let mut state = self.state();
+            if !state.has_unsynced() {
+                return Ok(UploadReport::default());
+            }
+            state.active = None;
+            let journal = std::mem::take(&mut state.journal);
+            state.inflight.extend(journal);
+            state.before_upload = Some(HashMap::new());
+            let files: Vec<(u64, OwnFile)> = state
+                .files
+                .iter()
+                .filter(|(_, f)| !f.published)
+                .map(|(id, f)| (*id, *f))
+                .collect();
+            (files, state.local.clone())
+        };
+        let result = self.publish(files, local.as_deref()).await;
+        let mut state = self.state();
+        state.before_upload = None;
+        match result {
+            Ok(report) => {
+                state.inflight.clear();
+                state.index_rewritten = false;
+                let pending = state.unpublished_files();
+                drop(state);
+                if let Some(local) = local {
+                    local.set_pending(&pending)?;
+                }
+                Ok(report)
+            }
+            Err(e) => {
+                // Keep every write: what failed to commit goes back to the journal.
+                let inflight = std::mem::take(&mut state.inflight);
+                for (k, c) in inflight {
+                    state.journal.entry(k).or_insert(c);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn publish(
+        &self,
+        files: Vec<(u64, OwnFile)>,
+        local: Option<&super::LocalDir>,
+    ) -> Result<UploadReport> {
+        let mut report = UploadReport::default();
+        if !files.is_empty() {
+            let local = local.ok_or_else(|| {
+                Error::Usage("data files to upload but no local directory".into())
+            })?;
+            let fenced = self.inner.opts.fenced;
+            let uploads = futures::stream::iter(files.into_iter().map(|(id, f)| async move {
+                let path = local.file_path(id);
+                let name = data_file_name(id);
+                let size = std::fs::metadata(&path)
+                    .map_err(|e| Error::io("stat", &path, e))?
+                    .len();
+                let condition = if fenced && !f.unconditional {
+                    PutCondition::IfAbsent
+                } else {
+                    PutCondition::None
+                };
+                let key = self.object_key(&name);
+                match self.inner.store.put_file(&key, &path, condition).await {
+                    Ok(_) => {}
+                    // An earlier attempt may have landed without us hearing back:
+                    // the same bytes under our own name are a success.
+                    Err(StoreError::Conflict { .. }) if same_content(self, &key, &path).await? => {}
+                    Err(e) => return Err(Error::from(e)),
+                }
+                Ok::<_, Error>((id, size))
+            }))
+            .buffer_unordered(self.inner.opts.concurrency.clamp(1, 8));
+            futures::pin_mut!(uploads);
+            while let Some(done) = uploads.next().await {
+                let (id, size) = done?;
+                self.state().files.insert(
+                    id,
+                    OwnFile {
+                        published: true,
+                        unconditional: false,
+                    },
+                );
+                report.files += 1;
+                report.bytes += size;
+            }
+        }
+        report.rebases = self.commit_index().await?;
+        report.committed = true;
+        Ok(report)
+    }
+
+    /// PUTs the committed image of the index; on conflict rebases and retries.
+    async fn commit_index(&self) -> Result<u32> {
+        let index_key = self.object_key(INDEX_NAME);
+        let attempts = self.inner.opts.rebase_attempts.max(1);
+        for attempt in 0..attempts {
+            let (bytes, condition, rewritten) = {
+                let state = self.state();
+                let condition = match (&state.index_etag, self.inner.opts.fenced) {
+                    (_, false) => PutCondition::None,
+                    (Some(etag), true) => PutCondition::IfMatch(etag.clone()),
+                    (None, true) => PutCondition::IfAbsent,
+                };
+                (
+                    state.encode_committed_image(),
+                    condition,
+                    state.index_rewritten,
+                )
+            };
+            match self
+                .inner
+                .store
+                .put(&index_key, bytes.into(), condition)
+                .await
+            {
+                Ok(etag) => {
+                    self.state().index_etag = Some(etag);
+                    if !self.inner.opts.fenced {
+                        tracing::warn!("unfenced commit of {index_key}: a concurrent writer's commit may have been overwritten");
+                    }
+                    return Ok(attempt);
+                }
+                Err(StoreError::Conflict { .. }) if rewritten => {
+                    return Err(Error::Conflict(format!(
+                        "{index_key} changed while the index was being rebuilt; run rebuild-index again"
+                    )));
+                }
+                Err(StoreError::Conflict { .. }) => {
+                    let (remote, etag) = self.fetch_index().await?;
+                    self.state().rebase(remote, etag);
+                    tracing::info!(
+                        "{index_key}: another writer committed first; rebased (attempt {})",
+                        attempt + 1
+                    );
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::Conflict(format!(
+            "{index_key}: lost the commit race {attempts} times; the writes are kept, upload again"
+        )))
+    }
+
+    /// GETs and decodes the current index (an absent index is empty).
+    pub(crate) async fn fetch_index(&self) -> Result<(Index, Option<String>)> {
+        let key = self.object_key(INDEX_NAME);
+        match self.inner.store.get(&key).await {
+            Ok(got) => Ok((Index::decode(&key, &got.data)?, Some(got.etag))),
+            Err(StoreError::NotFound { .. }) => Ok((Index::default(), None)),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Whether the object `key` holds exactly the bytes of the local file.
+async fn same_content(db: &S4db, key: &str, path: &std::path::Path) -> Result<bool> {
+    let local = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
+    match db.inner.store.get(key).await {
+        Ok(remote) => Ok(
+            remote.data.len() == local.len() && Md5::digest(&remote.data) == Md5::digest(&local)
+        ),
+        Err(StoreError::NotFound { .. }) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,245 @@
+//! The local working directory: data files this process writes or has
+//! downloaded, an exclusive lock, and the list of files written here that are
+//! not committed yet (what a restart replays).
+//!
+//! The pending list (`s4db-pending`) is one file name per line, appended before
+//! a new data file is created and rewritten after each commit, so it costs one
+//! small write per data file, never per put.
+
+use crate::error::{Error, Result};
+use crate::format::data_file_name;
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+const LOCK_NAME: &str = "s4db.lock";
+const PENDING_NAME: &str = "s4db-pending";
+
+#[derive(Debug)]
+pub(crate) struct LocalDir {
+    path: PathBuf,
+    _lock: File,
+    /// Set when we created a temporary directory; removed when dropped.
+    _temp: Option<tempfile::TempDir>,
+    /// Read handles, opened once per data file.
+    handles: Mutex<HashMap<u64, Arc<File>>>,
+}
+
+impl LocalDir {
+    /// Opens (creating) `path` and takes its exclusive lock.
+    pub fn open(path: &Path) -> Result<LocalDir> {
+        fs::create_dir_all(path).map_err(|e| Error::io("create local directory", path, e))?;
+        Self::locked(path.to_path_buf(), None)
+    }
+
+    /// A fresh temporary directory, removed when the database is dropped.
+    pub fn temporary() -> Result<LocalDir> {
+        let temp = tempfile::Builder::new()
+            .prefix("s4db_")
+            .tempdir()
+            .map_err(|e| Error::io("create temporary directory in", std::env::temp_dir(), e))?;
+        Self::locked(temp.path().to_path_buf(), Some(temp))
+    }
+
+    fn locked(path: PathBuf, temp: Option<tempfile::TempDir>) -> Result<LocalDir> {
+        let lock_path = path.join(LOCK_NAME);
+        let mut lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io("open lock file", &lock_path, e))?;
+        // SAFETY: flock on a descriptor we own; the lock lives as long as `lock`.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let holder = fs::read_to_string(&lock_path)
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .map(|pid| format!(" (pid {pid})"))
+                .unwrap_or_default();
+            return Err(Error::LocalDirBusy { dir: path, holder });
+        }
+        lock.set_len(0)
+            .and_then(|_| lock.write_all(std::process::id().to_string().as_bytes()))
+            .map_err(|e| Error::io("write lock file", &lock_path, e))?;
+        Ok(LocalDir {
+            path,
+            _lock: lock,
+            _temp: temp,
+            handles: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn file_path(&self, file_id: u64) -> PathBuf {
+        self.path.join(data_file_name(file_id))
+    }
+
+    /// Reads exactly `len` bytes at `offset` of a local data file, or `None`
+    /// when the file is absent or too short (a stale mirror): the caller then
+    /// reads from the object store instead.
+    pub fn read_at(&self, file_id: u64, offset: u64, len: u32) -> Result<Option<Vec<u8>>> {
+        let Some(file) = self.handle(file_id)? else {
+            return Ok(None);
+        };
+        let mut buf = vec![0u8; len as usize];
+        match file.read_exact_at(&mut buf, offset) {
+            Ok(()) => Ok(Some(buf)),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+            Err(e) => Err(Error::io("read", self.file_path(file_id), e)),
+        }
+    }
+
+    fn handle(&self, file_id: u64) -> Result<Option<Arc<File>>> {
+        if let Some(f) = self.handles.lock().unwrap().get(&file_id) {
+            return Ok(Some(f.clone()));
+        }
+        let path = self.file_path(file_id);
+        match File::open(&path) {
+            Ok(f) => {
+                let f = Arc::new(f);
+                self.handles.lock().unwrap().insert(file_id, f.clone());
+                Ok(Some(f))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("open", path, e)),
+        }
+    }
+
+    /// Forgets a cached handle after the file was replaced or removed.
+    pub fn forget(&self, file_id: u64) {
+        self.handles.lock().unwrap().remove(&file_id);
+    }
+
+    /// The size of a local data file, `None` when absent.
+    pub fn size_of(&self, file_id: u64) -> Result<Option<u64>> {
+        let path = self.file_path(file_id);
+        match fs::metadata(&path) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("stat", path, e)),
+        }
+    }
+
+    pub fn remove(&self, file_id: u64) -> Result<()> {
+        self.forget(file_id);
+        let path = self.file_path(file_id);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("remove", path, e)),
+        }
+    }
+
+    /// Every data file here, as `(file_id, size)`, in file-name order.
+    pub fn data_files(&self) -> Result<Vec<(u64, u64)>> {
+        let mut out = Vec::new();
+        let entries = fs::read_dir(&self.path).map_err(|e| Error::io("list", &self.path, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io("list", &self.path, e))?;
+            let name = entry.file_name();
+            let Some(id) = name.to_str().and_then(crate::format::parse_data_file_name) else {
+                continue;
+            };
+            let len = entry
+                .metadata()
+                .map_err(|e| Error::io("stat", entry.path(), e))?
+                .len();
+            out.push((id, len));
+        }
+        out.sort_by_key(|(id, _)| data_file_name(*id));
+        Ok(out)
+    }
+
+    /// Creates a new data file (which must not exist) holding `header`.
+    pub fn create_data_file(&self, file_id: u64, header: &[u8]) -> Result<File> {
+        let path = self.file_path(file_id);
+        let mut file = OpenOptions::new()
+            .create_new(true)
+            .read(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io("create data file", &path, e))?;
+        file.write_all(header)
+            .map_err(|e| Error::io("write", &path, e))?;
+        Ok(file)
+    }
+
+    /// Moves a fully written temporary file into place as data file `file_id`.
+    pub fn install(&self, tmp: tempfile::NamedTempFile, file_id: u64) -> Result<()> {
+        let path = self.file_path(file_id);
+        tmp.persist(&path)
+            .map_err(|e| Error::io("install", &path, e.error))?;
+        self.forget(file_id);
+        Ok(())
+    }
+
+    /// A temporary file in this directory (same file system, so `install` is a rename).
+    pub fn temp_file(&self) -> Result<tempfile::NamedTempFile> {
+        tempfile::Builder::new()
+            .prefix(".download-")
+            .tempfile_in(&self.path)
+            .map_err(|e| Error::io("create temporary file in", &self.path, e))
+    }
+
+    /// Files written here whose entries are not committed yet, oldest first.
+    pub fn pending(&self) -> Result<Vec<u64>> {
+        let path = self.path.join(PENDING_NAME);
+        match fs::read_to_string(&path) {
+            Ok(text) => Ok(text
+                .lines()
+                .filter_map(crate::format::parse_data_file_name)
+                .collect()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(Error::io("read", path, e)),
+        }
+    }
+
+    /// Records a new pending file; called before the file itself is created.
+    pub fn add_pending(&self, file_id: u64) -> Result<()> {
+        let path = self.path.join(PENDING_NAME);
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io("open", &path, e))?;
+        writeln!(f, "{}", data_file_name(file_id)).map_err(|e| Error::io("append to", &path, e))
+    }
+
+    /// Replaces the pending list atomically.
+    pub fn set_pending(&self, files: &[u64]) -> Result<()> {
+        let path = self.path.join(PENDING_NAME);
+        let mut text = String::new();
+        for id in files {
+            text.push_str(&data_file_name(*id));
+            text.push('\n');
+        }
+        self.write_atomic(&path, text.as_bytes())
+    }
+
+    /// Writes `data` to `path` by temporary file, fsync and rename.
+    pub fn write_atomic(&self, path: &Path, data: &[u8]) -> Result<()> {
+        let mut tmp = self.temp_file()?;
+        tmp.write_all(data)
+            .and_then(|_| tmp.as_file().sync_all())
+            .map_err(|e| Error::io("write", path, e))?;
+        tmp.persist(path)
+            .map_err(|e| Error::io("replace", path, e.error))?;
+        Ok(())
+    }
+
+    /// fsyncs the directory, so created and renamed files survive power loss.
+    pub fn sync_dir(&self) -> Result<()> {
+        File::open(&self.path)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::io("sync", &self.path, e))
+    }
+}

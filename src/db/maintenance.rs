@@ -1,0 +1,458 @@
+//! Whole-database operations: download, compact, rebuild_index and gc.
+
+use super::state::{OwnFile, State};
+use super::{S4db, ScanMode};
+use crate::error::{Error, Result};
+use crate::format::{
+    data_file_name, decode_entry, encode_file_header, file_id, parse_data_file_name, scan_entries,
+    split_file_id, Index, Location, HEADER_SIZE, INDEX_NAME,
+};
+use crate::remote::{ObjectMeta, PutCondition, StoreError};
+use futures::StreamExt;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Write;
+use std::time::{Duration, SystemTime};
+
+/// What compaction did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CompactReport {
+    pub files_before: usize,
+    pub files_after: usize,
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+    pub keys: usize,
+}
+
+/// What a rebuild found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RebuildReport {
+    pub files: usize,
+    pub keys: usize,
+    /// Files whose replay stopped early at a torn or corrupt entry, with the reason.
+    pub torn: Vec<String>,
+}
+
+impl S4db {
+    /// Lists the data objects under the prefix, as `(file_id, meta)`.
+    async fn list_data_objects(&self) -> Result<Vec<(u64, ObjectMeta)>> {
+        let prefix = self.prefix().to_string();
+        let objects = self.inner.store.list(&prefix).await?;
+        Ok(objects
+            .into_iter()
+            .filter_map(|o| {
+                let name = o.key.strip_prefix(&prefix)?;
+                parse_data_file_name(name).map(|id| (id, o))
+            })
+            .collect())
+    }
+
+    /// Makes sure each file in `need` (file id -> bytes needed) is local and
+    /// at least that long, downloading the others concurrently.
+    pub(crate) async fn fetch_files(&self, need: BTreeMap<u64, u64>) -> Result<()> {
+        let local = self.local_dir()?;
+        let mut missing = Vec::new();
+        for (id, len) in need {
+            if local.size_of(id)?.is_none_or(|have| have < len) {
+                missing.push(id);
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if let Some(p) = self.progress() {
+            p.start("downloading data files", missing.len() as u64, "files");
+        }
+        let downloads = futures::stream::iter(missing.into_iter().map(|id| {
+            let local = local.clone();
+            async move {
+                let key = self.object_key(&data_file_name(id));
+                let got = self.inner.store.get(&key).await?;
+                let mut tmp = local.temp_file()?;
+                tmp.write_all(&got.data)
+                    .map_err(|e| Error::io("write", tmp.path(), e))?;
+                local.install(tmp, id)?;
+                Ok::<_, Error>(())
+            }
+        }))
+        .buffer_unordered(self.inner.opts.concurrency.clamp(1, 8));
+        futures::pin_mut!(downloads);
+        while let Some(done) = downloads.next().await {
+            done?;
+            if let Some(p) = self.progress() {
+                p.advance(1);
+            }
+        }
+        if let Some(p) = self.progress() {
+            p.finish();
+        }
+        Ok(())
+    }
+
+    /// Downloads every data file under the prefix that is missing or shorter
+    /// locally (files this instance wrote are left alone), then reloads the
+    /// index. With unsynced writes this fails unless `force`, which discards them.
+    pub async fn download(&self, force: bool) -> Result<()> {
+        let _serial = self.inner.maintenance.lock().await;
+        let discard = {
+            let state = self.state();
+            if state.has_unsynced() && !force {
+                return Err(Error::Unsynced(
+                    "local writes are not uploaded; upload first, or force the download to discard them".into(),
+                ));
+            }
+            state.unpublished_files()
+        };
+        let local = self.local_dir()?;
+        let own: HashSet<u64> = self.state().files.keys().copied().collect();
+        let need: BTreeMap<u64, u64> = self
+            .list_data_objects()
+            .await?
+            .into_iter()
+            .filter(|(id, _)| !own.contains(id))
+            .map(|(id, o)| (id, o.size))
+            .collect();
+        self.fetch_files(need).await?;
+        let (index, etag) = self.fetch_index().await?;
+        let mut state = self.state();
+        for id in &discard {
+            state.files.remove(id);
+            local.remove(*id)?;
+        }
+        state.active = None;
+        state.journal.clear();
+        state.index_rewritten = false;
+        state.index = index;
+        state.index_etag = etag;
+        drop(state);
+        local.write_atomic(&local.path().join(INDEX_NAME), &self.state().index.encode())?;
+        local.set_pending(&[])
+    }
+
+    /// Rewrites the live entries into new files of this writer, dropping
+    /// overwritten and deleted ones; commits the new index with a conditional
+    /// PUT and only then deletes the old objects. Downloads the referenced
+    /// files it needs first. A lost race leaves the database as it was.
+    ///
+    /// # Errors
+    /// [`Error::Unsynced`] with writes not uploaded yet; [`Error::Conflict`]
+    /// when another writer committed during compaction (retry later).
+    pub async fn compact(&self) -> Result<CompactReport> {
+        let _serial = self.inner.maintenance.lock().await;
+        let (snapshot, etag) = {
+            let state = self.state();
+            if state.has_unsynced() {
+                return Err(Error::Unsynced("upload before compacting".into()));
+            }
+            (state.index.clone(), state.index_etag.clone())
+        };
+        // Group live entries by file, in file order, each file's in offset order.
+        let mut by_file: BTreeMap<u64, Vec<(u64, u32, &str)>> = BTreeMap::new();
+        for (key, loc) in &snapshot.entries {
+            by_file
+                .entry(loc.file_id)
+                .or_default()
+                .push((loc.offset, loc.length, key));
+        }
+        let need = by_file
+            .iter()
+            .map(|(id, v)| {
+                (
+                    *id,
+                    v.iter().map(|(o, l, _)| o + *l as u64).max().unwrap_or(0),
+                )
+            })
+            .collect();
+        self.fetch_files(need).await?;
+        let local = self.local_dir()?;
+        let bytes_before: u64 = by_file
+            .keys()
+            .map(|id| local.size_of(*id).map(|s| s.unwrap_or(0)))
+            .sum::<Result<u64>>()?;
+
+        if let Some(p) = self.progress() {
+            p.start("compacting", snapshot.entries.len() as u64, "keys");
+        }
+        let mut new_index = Index {
+            next_file_num: snapshot.next_file_num,
+            entries: BTreeMap::new(),
+        };
+        let mut new_files: Vec<(u64, u64)> = Vec::new();
+        let mut out: Option<(u64, std::fs::File, u64)> = None;
+        let max = self.inner.opts.max_file_size;
+        for (old_id, entries) in &mut by_file {
+            entries.sort_unstable();
+            let name = data_file_name(*old_id);
+            for (offset, length, key) in entries.iter() {
+                let bytes = local.read_at(*old_id, *offset, *length)?.ok_or_else(|| {
+                    Error::Usage(format!("{name} is shorter than the index says"))
+                })?;
+                // Verify before copying: compaction must never propagate corruption.
+                let entry = decode_entry(&name, *offset, &bytes)?;
+                if entry.key != *key || entry.value.is_none() {
+                    return Err(crate::format::FormatError::new(
+                        &name,
+                        *offset,
+                        crate::format::Corruption::WrongKey {
+                            expected: key.to_string(),
+                            found: entry.key,
+                        },
+                    )
+                    .into());
+                }
+                let roll = match &out {
+                    None => true,
+                    Some((_, _, len)) => *len > HEADER_SIZE && len + *length as u64 > max,
+                };
+                if roll {
+                    if let Some((id, _, len)) = out.take() {
+                        new_files.push((id, len));
+                    }
+                    let id = {
+                        let mut state = self.state();
+                        state.seq += 1;
+                        file_id(self.writer_id(), state.seq)
+                    };
+                    let file = local.create_data_file(id, &encode_file_header(id))?;
+                    out = Some((id, file, HEADER_SIZE));
+                }
+                let (id, file, len) = out.as_mut().expect("opened above");
+                file.write_all(&bytes)
+                    .map_err(|e| Error::io("write", local.file_path(*id), e))?;
+                new_index.entries.insert(
+                    key.to_string(),
+                    Location {
+                        file_id: *id,
+                        offset: *len,
+                        length: *length,
+                    },
+                );
+                *len += *length as u64;
+                if let Some(p) = self.progress() {
+                    p.advance(1);
+                }
+            }
+        }
+        if let Some((id, file, len)) = out.take() {
+            file.sync_all()
+                .map_err(|e| Error::io("sync", local.file_path(id), e))?;
+            new_files.push((id, len));
+        }
+        if let Some(p) = self.progress() {
+            p.finish();
+        }
+
+        let publish = async {
+            let condition = if self.inner.opts.fenced {
+                PutCondition::IfAbsent
+            } else {
+                PutCondition::None
+            };
+            for (id, _) in &new_files {
+                let key = self.object_key(&data_file_name(*id));
+                self.inner
+                    .store
+                    .put_file(&key, &local.file_path(*id), condition.clone())
+                    .await?;
+            }
+            let condition = match (&etag, self.inner.opts.fenced) {
+                (_, false) => PutCondition::None,
+                (Some(e), true) => PutCondition::IfMatch(e.clone()),
+                (None, true) => PutCondition::IfAbsent,
+            };
+            let index_key = self.object_key(INDEX_NAME);
+            Ok::<_, Error>(
+                self.inner
+                    .store
+                    .put(&index_key, new_index.encode().into(), condition)
+                    .await?,
+            )
+        };
+        let new_etag = match publish.await {
+            Ok(e) => e,
+            Err(e) => {
+                // Nothing committed: drop the replacement files (best effort; gc gets the rest).
+                for (id, _) in &new_files {
+                    let _ = self
+                        .inner
+                        .store
+                        .delete(&self.object_key(&data_file_name(*id)))
+                        .await;
+                    let _ = local.remove(*id);
+                }
+                return Err(match e {
+                    Error::Store(StoreError::Conflict { .. }) => Error::Conflict(
+                        "another writer committed during compaction; the database is unchanged, compact again".into(),
+                    ),
+                    e => e,
+                });
+            }
+        };
+        {
+            let mut state = self.state();
+            for (id, _) in &new_files {
+                state.files.insert(
+                    *id,
+                    OwnFile {
+                        published: true,
+                        unconditional: false,
+                    },
+                );
+            }
+            let journal = state.journal.clone();
+            let mut view = new_index.clone();
+            for (k, c) in &journal {
+                super::state::apply(&mut view.entries, k, *c);
+            }
+            state.index = view;
+            state.index_etag = Some(new_etag);
+        }
+        // Only now is it safe to delete what the old index referenced.
+        for old_id in by_file.keys() {
+            self.inner
+                .store
+                .delete(&self.object_key(&data_file_name(*old_id)))
+                .await?;
+            local.remove(*old_id)?;
+            self.state().files.remove(old_id);
+        }
+        Ok(CompactReport {
+            files_before: by_file.len(),
+            files_after: new_files.len(),
+            bytes_before,
+            bytes_after: new_files.iter().map(|(_, len)| len).sum(),
+            keys: new_index.entries.len(),
+        })
+    }
+
+    /// Rebuilds the index by replaying data files in file-name order (later
+    /// entries win, tombstones delete), verifying every CRC; replay of a file
+    /// stops at a torn or corrupt entry. With `from_s3`, first downloads every
+    /// data file listed under the prefix, so a lost index is recoverable. The
+    /// next upload commits the rebuilt index and publishes any local file the
+    /// store does not have.
+    pub async fn rebuild_index(&self, from_s3: bool) -> Result<RebuildReport> {
+        let _serial = self.inner.maintenance.lock().await;
+        let listed: HashMap<u64, u64> = self
+            .list_data_objects()
+            .await?
+            .into_iter()
+            .map(|(id, o)| (id, o.size))
+            .collect();
+        if from_s3 {
+            self.fetch_files(listed.iter().map(|(k, v)| (*k, *v)).collect())
+                .await?;
+        }
+        let local = self.local_dir()?;
+        let files = local.data_files()?;
+        if let Some(p) = self.progress() {
+            p.start("replaying data files", files.len() as u64, "files");
+        }
+        let mut index = Index::default();
+        let mut report = RebuildReport::default();
+        let mut max_legacy = 0u32;
+        let mut unpublished = Vec::new();
+        for (id, size) in &files {
+            let name = data_file_name(*id);
+            let path = local.file_path(*id);
+            let data = std::fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
+            let scan = match scan_entries(&name, &data) {
+                Ok(s) => s,
+                Err(e) => {
+                    report.torn.push(e.to_string());
+                    continue;
+                }
+            };
+            if let Some(stop) = &scan.stopped {
+                tracing::warn!("rebuild: stopping replay of {name}: {stop}");
+                report.torn.push(stop.to_string());
+            }
+            let (writer, seq) = split_file_id(*id);
+            if writer == 0 {
+                max_legacy = max_legacy.max(seq);
+            }
+            for e in &scan.entries {
+                let change = (!e.tombstone).then_some(Location {
+                    file_id: *id,
+                    offset: e.offset,
+                    length: e.length,
+                });
+                super::state::apply(&mut index.entries, &e.key, change);
+            }
+            if listed.get(id).is_none_or(|remote| remote < size) {
+                unpublished.push(*id);
+            }
+            report.files += 1;
+            if let Some(p) = self.progress() {
+                p.advance(1);
+            }
+        }
+        if let Some(p) = self.progress() {
+            p.finish();
+        }
+        index.next_file_num = max_legacy + 1;
+        report.keys = index.entries.len();
+        let mut state = self.state();
+        install_rebuilt(&mut state, index, &unpublished);
+        Ok(report)
+    }
+
+    /// Deletes data objects that the index does not reference, that this
+    /// instance did not write, and that are older than `grace` (so a
+    /// concurrent writer's uploaded-but-uncommitted files survive). Returns
+    /// the deleted file names.
+    pub async fn gc(&self, grace: Duration) -> Result<Vec<String>> {
+        let _serial = self.inner.maintenance.lock().await;
+        let (referenced, own) = {
+            let state = self.state();
+            if state.has_unsynced() {
+                return Err(Error::Unsynced("upload before running gc".into()));
+            }
+            let referenced: HashSet<u64> =
+                state.index.entries.values().map(|l| l.file_id).collect();
+            let own: HashSet<u64> = state.files.keys().copied().collect();
+            (referenced, own)
+        };
+        let now = SystemTime::now();
+        let mut deleted = Vec::new();
+        for (id, meta) in self.list_data_objects().await? {
+            let age = now.duration_since(meta.last_modified).unwrap_or_default();
+            if referenced.contains(&id) || own.contains(&id) || age < grace {
+                continue;
+            }
+            self.inner.store.delete(&meta.key).await?;
+            if let Some(local) = self.state().local.clone() {
+                local.remove(id)?;
+            }
+            deleted.push(data_file_name(id));
+        }
+        Ok(deleted)
+    }
+
+    /// `scan` in [`ScanMode::Local`] collected into a vector (small databases, tests).
+    pub async fn items(&self, mode: ScanMode) -> Result<Vec<(String, crate::Value)>> {
+        let mut out = Vec::new();
+        self.scan(mode, |k, v| {
+            out.push((k, v));
+            Ok(())
+        })
+        .await?;
+        Ok(out)
+    }
+}
+
+fn install_rebuilt(state: &mut State, index: Index, unpublished: &[u64]) {
+    state.index = index;
+    state.journal.clear();
+    state.inflight.clear();
+    state.active = None;
+    state.index_rewritten = true;
+    for id in unpublished {
+        state.files.insert(
+            *id,
+            OwnFile {
+                published: false,
+                unconditional: true,
+            },
+        );
+    }
+}

@@ -1,0 +1,604 @@
+//! The engine: [`S4db`], a cheap handle over one open database.
+//!
+//! Writes append to local data files and update the in-memory index under a
+//! short mutex; reads look the key up under that mutex, release it, and then
+//! do their one `pread` or range GET, so remote reads overlap. Maintenance
+//! (upload, download, compact, rebuild, gc) is serialized by an async mutex of
+//! its own and never blocks writers across network I/O.
+
+mod commit;
+mod local_dir;
+mod maintenance;
+mod recovery;
+mod state;
+
+use crate::error::{Error, Result};
+use crate::format::{
+    data_file_name, decode_entry, encode_entry, encode_file_header, Corruption, FormatError, Index,
+    Location, Value, HEADER_SIZE, INDEX_NAME, MAX_KEY_BYTES,
+};
+use crate::remote::{ObjectStore, StoreError};
+use futures::StreamExt;
+use local_dir::LocalDir;
+use state::{ActiveFile, OwnFile, State};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+pub use commit::UploadReport;
+pub use maintenance::{CompactReport, RebuildReport};
+
+/// Default soft limit of a data file, as in the Python package.
+pub const DEFAULT_MAX_FILE_SIZE: u64 = 64 * 1024 * 1024;
+
+/// Receives progress of long operations (the command line draws a bar).
+pub trait Progress: Send + Sync {
+    /// A phase starts; `total` is in `unit`s (e.g. "files", "bytes", "keys").
+    fn start(&self, what: &str, total: u64, unit: &str);
+    fn advance(&self, n: u64);
+    fn finish(&self);
+}
+
+/// How [`S4db::open`] behaves.
+#[derive(Clone)]
+pub struct OpenOptions {
+    /// Where data files are written and cached. `None`: a temporary directory
+    /// made at the first write and removed on drop (unsynced writes then die
+    /// with the process). With a directory, unsynced writes survive: the next
+    /// open of the same directory replays them.
+    pub local_dir: Option<PathBuf>,
+    /// Soft limit of a data file: roll when the next entry would pass it.
+    pub max_file_size: u64,
+    /// Conditional writes (compare-and-swap on the index). Turn off only for
+    /// S3-compatible services without If-Match / If-None-Match support.
+    pub fenced: bool,
+    /// How many times a commit rebases onto a concurrent writer's index.
+    pub rebase_attempts: u32,
+    /// Concurrent requests in `get_many`, downloads and uploads.
+    pub concurrency: usize,
+    /// Open even when the index object is corrupt (start empty, keep its ETag),
+    /// so `rebuild_index` can replace it.
+    pub ignore_corrupt_index: bool,
+    pub progress: Option<Arc<dyn Progress>>,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            local_dir: None,
+            max_file_size: DEFAULT_MAX_FILE_SIZE,
+            fenced: true,
+            rebase_attempts: 8,
+            concurrency: 16,
+            ignore_corrupt_index: false,
+            progress: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for OpenOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenOptions")
+            .field("local_dir", &self.local_dir)
+            .field("max_file_size", &self.max_file_size)
+            .field("fenced", &self.fenced)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How [`S4db::scan`] reads values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScanMode {
+    /// One read per key: local `pread` or S3 range GET.
+    PerKey,
+    /// First download the referenced data files that are missing locally,
+    /// then read everything from disk (one GET per file, not per key).
+    Local,
+}
+
+/// A point-in-time description of the database, printed by `s4db stats`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Stats {
+    pub store: String,
+    pub prefix: String,
+    pub keys: usize,
+    /// Bytes of live entries (compressed, with entry overhead).
+    pub live_bytes: u64,
+    /// Data files the index references.
+    pub data_files: usize,
+    pub index_etag: Option<String>,
+    pub next_file_num: u32,
+    pub writer_id: String,
+    pub local_dir: Option<PathBuf>,
+    /// Keys written or deleted here and not committed yet.
+    pub unsynced_changes: usize,
+    /// Data files written here and not uploaded yet.
+    pub unpublished_files: usize,
+    pub fenced: bool,
+}
+
+/// An open database. Cloning is cheap and shares everything.
+#[derive(Clone, Debug)]
+pub struct S4db {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+    opts: OpenOptions,
+    writer_id: u32,
+    state: Mutex<State>,
+    /// Serializes upload, download, compact, rebuild and gc.
+    maintenance: tokio::sync::Mutex<()>,
+}
+
+/// `some/prefix` and `some/prefix/` are the same database; `` is the bucket root.
+pub fn normalize_prefix(prefix: &str) -> String {
+    let p = prefix.trim_start_matches('/');
+    if p.is_empty() || p.ends_with('/') {
+        p.to_string()
+    } else {
+        format!("{p}/")
+    }
+}
+
+/// Rejects keys the format cannot hold, before anything is written.
+pub fn validate_key(key: &str) -> Result<()> {
+    if key.len() > MAX_KEY_BYTES {
+        return Err(Error::invalid_key(
+            key,
+            format!(
+                "{} bytes of UTF-8, more than the {MAX_KEY_BYTES} the format allows",
+                key.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl S4db {
+    /// Opens the database under `prefix` in `store`: one GET of the index
+    /// (a missing index is an empty database). If `opts.local_dir` exists, it
+    /// is locked and its unsynced writes from an earlier process are replayed.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] when the index fails its checks (see
+    /// `ignore_corrupt_index`), [`Error::Store`] when the store fails,
+    /// [`Error::LocalDirBusy`] when another process holds the local directory.
+    pub async fn open(
+        store: Arc<dyn ObjectStore>,
+        prefix: &str,
+        opts: OpenOptions,
+    ) -> Result<S4db> {
+        let prefix = normalize_prefix(prefix);
+        let index_key = format!("{prefix}{INDEX_NAME}");
+        let (index, etag) = match store.get(&index_key).await {
+            Ok(got) => match Index::decode(&index_key, &got.data) {
+                Ok(index) => (index, Some(got.etag)),
+                Err(e) if opts.ignore_corrupt_index => {
+                    tracing::warn!("{e}; starting from an empty index to rebuild");
+                    (Index::default(), Some(got.etag))
+                }
+                Err(e) => return Err(e.into()),
+            },
+            Err(StoreError::NotFound { .. }) => (Index::default(), None),
+            Err(e) => return Err(e.into()),
+        };
+        let writer_id = loop {
+            let id: u32 = rand::random();
+            if id != 0 {
+                break id;
+            }
+        };
+        let db = S4db {
+            inner: Arc::new(Inner {
+                store,
+                prefix,
+                writer_id,
+                state: Mutex::new(State::new(index, etag)),
+                maintenance: tokio::sync::Mutex::new(()),
+                opts,
+            }),
+        };
+        if let Some(dir) = &db.inner.opts.local_dir {
+            if dir.exists() {
+                let local = Arc::new(LocalDir::open(dir)?);
+                db.state().local = Some(local.clone());
+                recovery::replay_pending(&db, &local)?;
+            }
+        }
+        Ok(db)
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn object_key(&self, name: &str) -> String {
+        format!("{}{name}", self.inner.prefix)
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.inner.store
+    }
+
+    /// This instance's writer id (the namespace of the data files it writes).
+    pub fn writer_id(&self) -> u32 {
+        self.inner.writer_id
+    }
+
+    fn local_dir_locked(&self, state: &mut State) -> Result<Arc<LocalDir>> {
+        if let Some(l) = &state.local {
+            return Ok(l.clone());
+        }
+        let local = Arc::new(match &self.inner.opts.local_dir {
+            Some(dir) => LocalDir::open(dir)?,
+            None => LocalDir::temporary()?,
+        });
+        state.local = Some(local.clone());
+        Ok(local)
+    }
+
+    /// The local directory, creating it if this is its first use.
+    pub(crate) fn local_dir(&self) -> Result<Arc<LocalDir>> {
+        let mut state = self.state();
+        self.local_dir_locked(&mut state)
+    }
+
+    /// Writes a batch of key/value pairs, appended to the current data file.
+    /// Every key is validated before anything is written; the batch costs
+    /// O(batch), not O(database). Writes are local until [`S4db::upload`].
+    ///
+    /// ```no_run
+    /// # async fn demo(db: s4db::S4db) -> s4db::Result<()> {
+    /// db.put([("greeting", s4db::Value::from("hello")), ("raw", vec![0u8, 255].into())])?;
+    /// db.upload().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn put<K, I>(&self, items: I) -> Result<()>
+    where
+        K: Into<String>,
+        I: IntoIterator<Item = (K, Value)>,
+    {
+        let items: Vec<(String, Value)> = items.into_iter().map(|(k, v)| (k.into(), v)).collect();
+        for (key, _) in &items {
+            validate_key(key)?;
+        }
+        if items.is_empty() {
+            return Ok(());
+        }
+        // Compress outside the lock: that is where a put spends its CPU.
+        let mut buf = Vec::new();
+        let mut spans = Vec::with_capacity(items.len());
+        for (key, value) in items {
+            let start = buf.len();
+            encode_entry(&mut buf, &key, Some(&value));
+            spans.push((key, start, buf.len() - start, false));
+        }
+        let mut state = self.state();
+        self.append_locked(&mut state, &buf, spans)
+    }
+
+    /// Deletes keys; absent keys are skipped (no tombstone is written for them).
+    /// Returns how many keys existed.
+    pub fn delete<K: AsRef<str>>(&self, keys: impl IntoIterator<Item = K>) -> Result<usize> {
+        let keys: Vec<String> = keys.into_iter().map(|k| k.as_ref().to_string()).collect();
+        for key in &keys {
+            validate_key(key)?;
+        }
+        let mut state = self.state();
+        let mut buf = Vec::new();
+        let mut spans = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for key in keys {
+            if state.index.entries.contains_key(&key) && seen.insert(key.clone()) {
+                let start = buf.len();
+                encode_entry(&mut buf, &key, None);
+                spans.push((key, start, buf.len() - start, true));
+            }
+        }
+        let n = spans.len();
+        if n > 0 {
+            self.append_locked(&mut state, &buf, spans)?;
+        }
+        Ok(n)
+    }
+
+    /// Appends encoded entries (`spans` index into `buf`), rolling files at the
+    /// soft size limit, then publishes them to the in-memory index.
+    fn append_locked(
+        &self,
+        state: &mut State,
+        buf: &[u8],
+        spans: Vec<(String, usize, usize, bool)>,
+    ) -> Result<()> {
+        let local = self.local_dir_locked(state)?;
+        let max = self.inner.opts.max_file_size;
+        let mut placed = Vec::with_capacity(spans.len());
+        let mut i = 0;
+        while i < spans.len() {
+            let needs_roll = match &state.active {
+                None => true,
+                Some(a) => a.len > HEADER_SIZE && a.len + spans[i].2 as u64 > max,
+            };
+            if needs_roll {
+                self.roll_locked(state, &local)?;
+            }
+            let active = state.active.as_mut().expect("rolled above");
+            // Take as many entries as fit in this file, then write them at once.
+            let first = spans[i].1;
+            let mut end = first;
+            let mut len = active.len;
+            while i < spans.len() {
+                let (_, start, n, _) = &spans[i];
+                if len > HEADER_SIZE && len + *n as u64 > max {
+                    break;
+                }
+                placed.push((active.id, len, i));
+                len += *n as u64;
+                end = start + n;
+                i += 1;
+            }
+            if let Err(e) = active.file.write_all(&buf[first..end]) {
+                // Cut any partial write so the file stays a clean sequence of entries.
+                let _ = active.file.set_len(active.len);
+                return Err(Error::io("append to", local.file_path(active.id), e));
+            }
+            active.len = len;
+        }
+        for (file_id, offset, i) in placed {
+            let (key, _, n, tombstone) = &spans[i];
+            let change = (!tombstone).then_some(Location {
+                file_id,
+                offset,
+                length: *n as u32,
+            });
+            state.record(key, change);
+        }
+        Ok(())
+    }
+
+    /// Starts the next data file of this writer; recorded as pending first.
+    fn roll_locked(&self, state: &mut State, local: &LocalDir) -> Result<()> {
+        state.seq = state.seq.checked_add(1).ok_or_else(|| {
+            Error::Usage("this writer ran out of file sequence numbers; reopen the database".into())
+        })?;
+        let id = crate::format::file_id(self.inner.writer_id, state.seq);
+        local.add_pending(id)?;
+        let file = local.create_data_file(id, &encode_file_header(id))?;
+        state.active = Some(ActiveFile {
+            id,
+            file,
+            len: HEADER_SIZE,
+        });
+        state.files.insert(
+            id,
+            OwnFile {
+                published: false,
+                unconditional: false,
+            },
+        );
+        Ok(())
+    }
+
+    /// The value of `key`, or `None` when it does not exist.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] when the stored entry fails its CRC or does not hold
+    /// this key; [`Error::Store`] when the range GET fails.
+    pub async fn get(&self, key: &str) -> Result<Option<Value>> {
+        let (loc, local) = {
+            let state = self.state();
+            match state.index.entries.get(key) {
+                Some(loc) => (*loc, state.local.clone()),
+                None => return Ok(None),
+            }
+        };
+        match self.read_value(key, loc, local.as_deref()).await {
+            Ok(v) => Ok(Some(v)),
+            // Compaction may have moved the key between lookup and read: look again once.
+            Err(first) => {
+                let again = self.state().index.entries.get(key).copied();
+                match again {
+                    Some(l) if l != loc => {
+                        self.read_value(key, l, local.as_deref()).await.map(Some)
+                    }
+                    None => Ok(None),
+                    Some(_) => Err(first),
+                }
+            }
+        }
+    }
+
+    /// Reads and decodes the entry at `loc`, checking that it holds `key`.
+    async fn read_value(
+        &self,
+        key: &str,
+        loc: Location,
+        local: Option<&LocalDir>,
+    ) -> Result<Value> {
+        let name = data_file_name(loc.file_id);
+        let bytes = self.read_entry_bytes(loc, local).await?;
+        let entry = decode_entry(&name, loc.offset, &bytes)?;
+        if entry.key != key {
+            return Err(FormatError::new(
+                &name,
+                loc.offset,
+                Corruption::WrongKey {
+                    expected: key.to_string(),
+                    found: entry.key,
+                },
+            )
+            .into());
+        }
+        entry.value.ok_or_else(|| {
+            Error::Corrupt(FormatError::new(
+                &name,
+                loc.offset,
+                Corruption::WrongKey {
+                    expected: format!("a value for {key:?}"),
+                    found: "a tombstone".into(),
+                },
+            ))
+        })
+    }
+
+    /// The raw entry bytes: a local `pread` when the file is here and long
+    /// enough, else one range GET of exactly the entry.
+    async fn read_entry_bytes(&self, loc: Location, local: Option<&LocalDir>) -> Result<Vec<u8>> {
+        if let Some(local) = local {
+            if let Some(bytes) = local.read_at(loc.file_id, loc.offset, loc.length)? {
+                return Ok(bytes);
+            }
+        }
+        let key = self.object_key(&data_file_name(loc.file_id));
+        let bytes = self
+            .inner
+            .store
+            .get_range(&key, loc.offset, loc.length as u64)
+            .await?;
+        Ok(bytes.to_vec())
+    }
+
+    /// Many keys at once, with up to `concurrency` range GETs in flight.
+    /// Returns the values in the order of `keys`.
+    pub async fn get_many<K: AsRef<str>>(&self, keys: &[K]) -> Result<Vec<Option<Value>>> {
+        futures::stream::iter(keys.iter().map(|k| self.get(k.as_ref())))
+            .buffered(self.inner.opts.concurrency.max(1))
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect()
+    }
+
+    /// All live keys, sorted.
+    pub fn keys(&self) -> Vec<String> {
+        self.state().index.entries.keys().cloned().collect()
+    }
+
+    /// Live keys starting with `prefix`, sorted (a range scan of the index).
+    pub fn keys_with_prefix(&self, prefix: &str) -> Vec<String> {
+        self.state()
+            .index
+            .entries
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.state().index.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.state().index.entries.contains_key(key)
+    }
+
+    /// Where the index says `key` is (for tools and tests).
+    pub fn location(&self, key: &str) -> Option<Location> {
+        self.state().index.entries.get(key).copied()
+    }
+
+    /// Calls `f` with every live key and value, in key order, over a snapshot
+    /// of the index taken at the start.
+    pub async fn scan(
+        &self,
+        mode: ScanMode,
+        mut f: impl FnMut(String, Value) -> Result<()>,
+    ) -> Result<()> {
+        let snapshot: Vec<(String, Location)> = {
+            let state = self.state();
+            state
+                .index
+                .entries
+                .iter()
+                .map(|(k, l)| (k.clone(), *l))
+                .collect()
+        };
+        let local = match mode {
+            ScanMode::Local => {
+                let files: std::collections::BTreeMap<u64, u64> =
+                    snapshot.iter().fold(Default::default(), |mut m, (_, l)| {
+                        let end = m.entry(l.file_id).or_insert(0);
+                        *end = (*end).max(l.offset + l.length as u64);
+                        m
+                    });
+                self.fetch_files(files).await?;
+                Some(self.local_dir()?)
+            }
+            ScanMode::PerKey => self.state().local.clone(),
+        };
+        let concurrency = self.inner.opts.concurrency.max(1);
+        let mut reads = futures::stream::iter(snapshot.iter().map(|(k, l)| {
+            let local = local.clone();
+            async move { self.read_value(k, *l, local.as_deref()).await }
+        }))
+        .buffered(concurrency);
+        let mut keys = snapshot.iter();
+        while let Some(value) = reads.next().await {
+            let (key, _) = keys.next().expect("one key per read");
+            f(key.clone(), value?)?;
+        }
+        Ok(())
+    }
+
+    /// Makes the active data file and the pending list durable (fsync) and
+    /// writes a snapshot of the index to `<local_dir>/index.idx`. Only power
+    /// loss needs this: a killed process loses nothing that `put` returned.
+    pub fn flush(&self) -> Result<()> {
+        let state = self.state();
+        let Some(local) = state.local.clone() else {
+            return Ok(());
+        };
+        if let Some(active) = &state.active {
+            active
+                .file
+                .sync_all()
+                .map_err(|e| Error::io("sync", local.file_path(active.id), e))?;
+        }
+        let snapshot = state.index.encode();
+        drop(state);
+        local.write_atomic(&local.path().join(INDEX_NAME), &snapshot)?;
+        local.sync_dir()
+    }
+
+    /// Whether there are writes that are not committed to the store.
+    pub fn has_unsynced_writes(&self) -> bool {
+        self.state().has_unsynced()
+    }
+
+    pub fn stats(&self) -> Stats {
+        let state = self.state();
+        let files: std::collections::HashSet<u64> =
+            state.index.entries.values().map(|l| l.file_id).collect();
+        Stats {
+            store: self.inner.store.describe(),
+            prefix: self.inner.prefix.clone(),
+            keys: state.index.entries.len(),
+            live_bytes: state.index.entries.values().map(|l| l.length as u64).sum(),
+            data_files: files.len(),
+            index_etag: state.index_etag.clone(),
+            next_file_num: state.index.next_file_num,
+            writer_id: format!("{:08x}", self.inner.writer_id),
+            local_dir: state.local.as_ref().map(|l| l.path().to_path_buf()),
+            unsynced_changes: state.journal.len() + state.inflight.len(),
+            unpublished_files: state.files.values().filter(|f| !f.published).count(),
+            fenced: self.inner.opts.fenced,
+        }
+    }
+
+    fn progress(&self) -> Option<&Arc<dyn Progress>> {
+        self.inner.opts.progress.as_ref()
+    }
+}

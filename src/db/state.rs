@@ -1,0 +1,190 @@
+//! The mutable state of an open database, guarded by one mutex that is never
+//! held across network I/O.
+//!
+//! Three layers make up what readers see (`index`):
+//! the last committed index, then `inflight` (writes an upload is committing
+//! right now), then `journal` (writes since). While an upload is running,
+//! `before_upload` remembers the committed-image value of each key the journal
+//! overwrote, so the upload can serialize exactly what it published.
+
+use super::local_dir::LocalDir;
+use crate::format::{Index, Location};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::sync::Arc;
+
+/// A logical write: the new location of a key, or `None` for a delete.
+pub(crate) type Change = Option<Location>;
+
+/// What we know about a data file this instance wrote or adopted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OwnFile {
+    /// Uploaded (its bytes are in the store under its name).
+    pub published: bool,
+    /// Upload without a precondition: a recovered file that a dead process
+    /// may already have uploaded in part.
+    pub unconditional: bool,
+}
+
+#[derive(Debug)]
+pub(crate) struct ActiveFile {
+    pub id: u64,
+    pub file: File,
+    pub len: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct State {
+    /// What readers see: committed + inflight + journal.
+    pub index: Index,
+    /// ETag of the index object the committed layer came from.
+    pub index_etag: Option<String>,
+    pub journal: HashMap<String, Change>,
+    pub inflight: HashMap<String, Change>,
+    /// During an upload: the committed-image value of keys the journal changed.
+    pub before_upload: Option<HashMap<String, Change>>,
+    /// The whole index was rebuilt and must be committed as is (no rebase).
+    pub index_rewritten: bool,
+    pub local: Option<Arc<LocalDir>>,
+    /// Last sequence number this writer allocated.
+    pub seq: u32,
+    pub active: Option<ActiveFile>,
+    pub files: BTreeMap<u64, OwnFile>,
+}
+
+impl State {
+    pub fn new(index: Index, index_etag: Option<String>) -> State {
+        State {
+            index,
+            index_etag,
+            journal: HashMap::new(),
+            inflight: HashMap::new(),
+            before_upload: None,
+            index_rewritten: false,
+            local: None,
+            seq: 0,
+            active: None,
+            files: BTreeMap::new(),
+        }
+    }
+
+    /// Applies one logical write to the visible index and the journal.
+    pub fn record(&mut self, key: &str, change: Change) {
+        if let Some(before) = self.before_upload.as_mut() {
+            if !self.journal.contains_key(key) && !before.contains_key(key) {
+                before.insert(key.to_string(), self.index.entries.get(key).copied());
+            }
+        }
+        apply(&mut self.index.entries, key, change);
+        self.journal.insert(key.to_string(), change);
+    }
+
+    pub fn has_unsynced(&self) -> bool {
+        !self.journal.is_empty()
+            || !self.inflight.is_empty()
+            || self.index_rewritten
+            || self.files.values().any(|f| !f.published)
+    }
+
+    pub fn unpublished_files(&self) -> Vec<u64> {
+        self.files
+            .iter()
+            .filter(|(_, f)| !f.published)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Serializes what the running upload publishes: the visible index with
+    /// the journal's changes taken back out.
+    pub fn encode_committed_image(&self) -> Vec<u8> {
+        let empty = HashMap::new();
+        let overrides = self.before_upload.as_ref().unwrap_or(&empty);
+        let entries = &self.index.entries;
+        let mut count = entries.len() as i64;
+        for (key, was) in overrides {
+            match (was, entries.contains_key(key)) {
+                (Some(_), false) => count += 1,
+                (None, true) => count -= 1,
+                _ => {}
+            }
+        }
+        let visible = entries
+            .iter()
+            .filter_map(|(k, loc)| match overrides.get(k) {
+                Some(was) => was.map(|l| (k.as_str(), l)),
+                None => Some((k.as_str(), *loc)),
+            });
+        let restored = overrides.iter().filter_map(|(k, was)| match was {
+            Some(l) if !entries.contains_key(k) => Some((k.as_str(), *l)),
+            _ => None,
+        });
+        crate::format::encode_index(
+            self.index.next_file_num,
+            count as u32,
+            visible.chain(restored),
+        )
+    }
+
+    /// Adopts `committed` (a newer remote index) as the base, with our
+    /// inflight and journal writes on top; last writer wins per key.
+    pub fn rebase(&mut self, mut committed: Index, etag: Option<String>) {
+        committed.next_file_num = committed.next_file_num.max(self.index.next_file_num);
+        for (k, c) in &self.inflight {
+            apply(&mut committed.entries, k, *c);
+        }
+        if self.before_upload.is_some() {
+            self.before_upload = Some(
+                self.journal
+                    .keys()
+                    .map(|k| (k.clone(), committed.entries.get(k).copied()))
+                    .collect(),
+            );
+        }
+        for (k, c) in &self.journal {
+            apply(&mut committed.entries, k, *c);
+        }
+        self.index = committed;
+        self.index_etag = etag;
+    }
+}
+
+pub(crate) fn apply(entries: &mut BTreeMap<String, Location>, key: &str, change: Change) {
+    match change {
+        Some(loc) => {
+            entries.insert(key.to_string(), loc);
+        }
+        None => {
+            entries.remove(key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loc(n: u64) -> Location {
+        Location {
+            file_id: n,
+            offset: 9,
+            length: 20,
+        }
+    }
+
+    #[test]
+    fn committed_image_excludes_writes_made_during_the_upload() {
+        let mut index = Index::default();
+        index.entries.insert("kept".into(), loc(1));
+        index.entries.insert("overwritten".into(), loc(1));
+        index.entries.insert("deleted".into(), loc(1));
+        let mut state = State::new(index.clone(), None);
+        state.before_upload = Some(HashMap::new());
+        state.record("overwritten", Some(loc(2)));
+        state.record("deleted", None);
+        state.record("new", Some(loc(2)));
+        state.record("new", Some(loc(3)));
+        let image = Index::decode("i", &state.encode_committed_image()).unwrap();
+        assert_eq!(image, index);
+        assert_eq!(state.index.entries.len(), 3);
+    }
+}

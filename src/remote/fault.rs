@@ -1,0 +1,167 @@
+//! A wrapper store that injects failures, latency and conflicts at chosen
+//! calls, so tests can prove what the engine does when S3 misbehaves.
+
+use super::{GetResult, ListPage, ObjectMeta, ObjectStore, PutCondition, StoreError, StoreResult};
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The store operations a fault can target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    Get,
+    GetRange,
+    Put,
+    Delete,
+    Head,
+    List,
+}
+
+/// What happens to a targeted call.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// Fail with an I/O error carrying this message.
+    Error(String),
+    /// Fail as if another writer won a conditional write.
+    Conflict,
+    /// Sleep, then perform the call.
+    Delay(Duration),
+}
+
+#[derive(Debug)]
+struct Rule {
+    op: Op,
+    key_contains: String,
+    skip: u64,
+    remaining: u64,
+    fault: Fault,
+}
+
+#[derive(Debug)]
+pub struct FaultStore {
+    inner: Arc<dyn ObjectStore>,
+    rules: Mutex<Vec<Rule>>,
+    calls: Mutex<Vec<(Op, String)>>,
+}
+
+impl FaultStore {
+    pub fn new(inner: Arc<dyn ObjectStore>) -> Self {
+        FaultStore {
+            inner,
+            rules: Mutex::new(Vec::new()),
+            calls: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Applies `fault` to `times` calls of `op` whose key contains
+    /// `key_contains`, after letting the first `skip` matching calls through.
+    pub fn inject(&self, op: Op, key_contains: &str, skip: u64, times: u64, fault: Fault) {
+        self.rules.lock().unwrap().push(Rule {
+            op,
+            key_contains: key_contains.to_string(),
+            skip,
+            remaining: times,
+            fault,
+        });
+    }
+
+    pub fn clear(&self) {
+        self.rules.lock().unwrap().clear();
+    }
+
+    /// Every call made so far, in order, as `(op, key)`.
+    pub fn calls(&self) -> Vec<(Op, String)> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    /// How many calls of `op` were made.
+    pub fn count(&self, op: Op) -> usize {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(o, _)| *o == op)
+            .count()
+    }
+
+    /// Records the call and returns the fault that applies to it, if any.
+    fn check(&self, op: Op, key: &str) -> Option<Fault> {
+        self.calls.lock().unwrap().push((op, key.to_string()));
+        let mut rules = self.rules.lock().unwrap();
+        for rule in rules.iter_mut() {
+            if rule.op != op || !key.contains(&rule.key_contains) || rule.remaining == 0 {
+                continue;
+            }
+            if rule.skip > 0 {
+                rule.skip -= 1;
+                continue;
+            }
+            rule.remaining -= 1;
+            return Some(rule.fault.clone());
+        }
+        None
+    }
+
+    async fn before(&self, op: Op, key: &str) -> StoreResult<()> {
+        match self.check(op, key) {
+            None => Ok(()),
+            Some(Fault::Delay(d)) => {
+                tokio::time::sleep(d).await;
+                Ok(())
+            }
+            Some(Fault::Conflict) => Err(StoreError::Conflict {
+                key: key.to_string(),
+            }),
+            Some(Fault::Error(message)) => Err(StoreError::io("injected fault in", key, message)),
+        }
+    }
+}
+
+#[async_trait]
+impl ObjectStore for FaultStore {
+    fn describe(&self) -> String {
+        format!("faulty {}", self.inner.describe())
+    }
+
+    async fn get(&self, key: &str) -> StoreResult<GetResult> {
+        self.before(Op::Get, key).await?;
+        self.inner.get(key).await
+    }
+
+    async fn get_range(&self, key: &str, offset: u64, len: u64) -> StoreResult<Bytes> {
+        self.before(Op::GetRange, key).await?;
+        self.inner.get_range(key, offset, len).await
+    }
+
+    async fn put(&self, key: &str, data: Bytes, condition: PutCondition) -> StoreResult<String> {
+        self.before(Op::Put, key).await?;
+        self.inner.put(key, data, condition).await
+    }
+
+    async fn put_file(
+        &self,
+        key: &str,
+        path: &Path,
+        condition: PutCondition,
+    ) -> StoreResult<String> {
+        self.before(Op::Put, key).await?;
+        self.inner.put_file(key, path, condition).await
+    }
+
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        self.before(Op::Delete, key).await?;
+        self.inner.delete(key).await
+    }
+
+    async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
+        self.before(Op::Head, key).await?;
+        self.inner.head(key).await
+    }
+
+    async fn list_page(&self, prefix: &str, continuation: Option<String>) -> StoreResult<ListPage> {
+        self.before(Op::List, prefix).await?;
+        self.inner.list_page(prefix, continuation).await
+    }
+}

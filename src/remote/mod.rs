@@ -1,0 +1,139 @@
+//! Object stores: the one trait the engine talks to, and its implementations.
+//!
+//! The engine never sees S3 types. Every backend maps its failures onto
+//! [`StoreError`], whose variants tell the caller what to do: a missing object
+//! is data ("the database is empty"), a conflict means "another writer won,
+//! rebase", anything else is an I/O failure worth reporting with the key.
+
+pub mod fault;
+pub mod local;
+pub mod s3;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::path::Path;
+use std::time::SystemTime;
+
+pub use fault::{Fault, FaultStore, Op};
+pub use local::LocalStore;
+pub use s3::{S3Config, S3Store};
+
+/// A precondition on a PUT, as S3 conditional writes define them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PutCondition {
+    /// Plain PUT: replaces whatever is there.
+    None,
+    /// `If-None-Match: *`: create only; fails with a conflict if the object exists.
+    IfAbsent,
+    /// `If-Match: <etag>`: replace only the version with this ETag.
+    IfMatch(String),
+}
+
+/// What a LIST or HEAD tells about one object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    /// The full object key (including the database prefix).
+    pub key: String,
+    pub size: u64,
+    pub last_modified: SystemTime,
+    pub etag: Option<String>,
+}
+
+/// The body and ETag of a whole-object GET.
+#[derive(Debug, Clone)]
+pub struct GetResult {
+    pub data: Bytes,
+    pub etag: String,
+}
+
+/// One page of a LIST; `next` is the continuation token when more pages follow.
+#[derive(Debug, Clone, Default)]
+pub struct ListPage {
+    pub objects: Vec<ObjectMeta>,
+    pub next: Option<String>,
+}
+
+/// Failures of an object store, by what the caller should do about them.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("object {key} does not exist")]
+    NotFound { key: String },
+    #[error("conditional write of {key} failed: another writer changed it first")]
+    Conflict { key: String },
+    #[error("{op} {key}: {message}")]
+    Io {
+        op: &'static str,
+        key: String,
+        message: String,
+    },
+}
+
+impl StoreError {
+    pub fn io(op: &'static str, key: &str, message: impl std::fmt::Display) -> Self {
+        StoreError::Io {
+            op,
+            key: key.to_string(),
+            message: message.to_string(),
+        }
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// An object store holding one bucket. Keys are full object keys; the engine
+/// adds its prefix (see `crate::paths`).
+#[async_trait]
+pub trait ObjectStore: Send + Sync + std::fmt::Debug {
+    /// A short description for messages and stats, e.g. `s3://bucket` or `local:/srv/s4db/bucket`.
+    fn describe(&self) -> String;
+
+    /// GET a whole object with its ETag.
+    async fn get(&self, key: &str) -> StoreResult<GetResult>;
+
+    /// GET `len` bytes starting at `offset`. Returns fewer bytes only when the object is shorter.
+    async fn get_range(&self, key: &str, offset: u64, len: u64) -> StoreResult<Bytes>;
+
+    /// PUT an object from memory; returns the new ETag.
+    async fn put(&self, key: &str, data: Bytes, condition: PutCondition) -> StoreResult<String>;
+
+    /// PUT an object from a local file; returns the new ETag. Backends that can
+    /// stream from disk override this so large data files are not held in memory.
+    async fn put_file(
+        &self,
+        key: &str,
+        path: &Path,
+        condition: PutCondition,
+    ) -> StoreResult<String> {
+        let data = tokio::fs::read(path).await.map_err(|e| {
+            StoreError::io(
+                "read local file for",
+                key,
+                format!("{}: {e}", path.display()),
+            )
+        })?;
+        self.put(key, Bytes::from(data), condition).await
+    }
+
+    /// DELETE an object; deleting a missing object is not an error.
+    async fn delete(&self, key: &str) -> StoreResult<()>;
+
+    /// HEAD an object.
+    async fn head(&self, key: &str) -> StoreResult<ObjectMeta>;
+
+    /// One page of the objects whose keys start with `prefix`, in key order.
+    async fn list_page(&self, prefix: &str, continuation: Option<String>) -> StoreResult<ListPage>;
+
+    /// Every object under `prefix`, following continuation tokens.
+    async fn list(&self, prefix: &str) -> StoreResult<Vec<ObjectMeta>> {
+        let mut all = Vec::new();
+        let mut token = None;
+        loop {
+            let page = self.list_page(prefix, token).await?;
+            all.extend(page.objects);
+            match page.next {
+                Some(next) => token = Some(next),
+                None => return Ok(all),
+            }
+        }
+    }
+}
