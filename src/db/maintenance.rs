@@ -306,8 +306,22 @@ impl S4db {
             state.index = view;
             state.index_etag = Some(new_etag);
         }
-        // Only now is it safe to delete what the old index referenced.
-        for old_id in by_file.keys() {
+        // Only now is it safe to delete what the old index referenced, and the
+        // other files this instance published: all their entries are dead now,
+        // and a tombstone left behind could not outlive the put it deletes.
+        let own_dead: Vec<u64> = {
+            let state = self.state();
+            let fresh: HashSet<u64> = new_files.iter().map(|(id, _)| *id).collect();
+            state
+                .files
+                .iter()
+                .filter(|(id, f)| f.published && !fresh.contains(id))
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        let mut dead: Vec<u64> = by_file.keys().copied().collect();
+        dead.extend(own_dead.into_iter().filter(|id| !by_file.contains_key(id)));
+        for old_id in &dead {
             self.inner
                 .store
                 .delete(&self.object_key(&data_file_name(*old_id)))
@@ -324,26 +338,24 @@ impl S4db {
         })
     }
 
-    /// Rebuilds the index by replaying data files in file-name order (later
-    /// entries win, tombstones delete), verifying every CRC; replay of a file
-    /// stops at a torn or corrupt entry. With `from_s3`, first downloads every
+    /// Rebuilds the index by replaying data files (later entries win,
+    /// tombstones delete), verifying every CRC; replay of a file stops at a
+    /// torn or corrupt entry. Files replay writer by writer, each writer's in
+    /// sequence order, writers in the order they first uploaded (see
+    /// [`replay_order`]). With `from_s3`, first downloads every
     /// data file listed under the prefix, so a lost index is recoverable. The
     /// next upload commits the rebuilt index and publishes any local file the
     /// store does not have.
     pub async fn rebuild_index(&self, from_s3: bool) -> Result<RebuildReport> {
         let _serial = self.inner.maintenance.lock().await;
-        let listed: HashMap<u64, u64> = self
-            .list_data_objects()
-            .await?
-            .into_iter()
-            .map(|(id, o)| (id, o.size))
-            .collect();
+        let listed: HashMap<u64, ObjectMeta> =
+            self.list_data_objects().await?.into_iter().collect();
         if from_s3 {
-            self.fetch_files(listed.iter().map(|(k, v)| (*k, *v)).collect())
+            self.fetch_files(listed.iter().map(|(k, o)| (*k, o.size)).collect())
                 .await?;
         }
         let local = self.local_dir()?;
-        let files = local.data_files()?;
+        let files = replay_order(&local, &listed)?;
         if let Some(p) = self.progress() {
             p.start("replaying data files", files.len() as u64, "files");
         }
@@ -378,7 +390,7 @@ impl S4db {
                 });
                 super::state::apply(&mut index.entries, &e.key, change);
             }
-            if listed.get(id).is_none_or(|remote| remote < size) {
+            if listed.get(id).is_none_or(|remote| remote.size < *size) {
                 unpublished.push(*id);
             }
             report.files += 1;
@@ -438,6 +450,37 @@ impl S4db {
         .await?;
         Ok(out)
     }
+}
+
+/// The local data files as `(file_id, size)`, in replay order. A writer
+/// instance numbers its files 1, 2, 3...; writers are ordered by the time of
+/// their oldest file (the store's LastModified, else the local mtime), so
+/// writers that followed one another replay in that order. Writers that ran
+/// concurrently have no order to recover: last-writer-wins between them is
+/// decided by that timestamp, then by name.
+fn replay_order(
+    local: &super::LocalDir,
+    listed: &HashMap<u64, ObjectMeta>,
+) -> Result<Vec<(u64, u64)>> {
+    let files = local.data_files()?;
+    let mut first_seen: HashMap<u32, SystemTime> = HashMap::new();
+    for (id, _) in &files {
+        let when = match listed.get(id) {
+            Some(o) => o.last_modified,
+            None => std::fs::metadata(local.file_path(*id))
+                .and_then(|m| m.modified())
+                .unwrap_or(SystemTime::UNIX_EPOCH),
+        };
+        let writer = split_file_id(*id).0;
+        let t = first_seen.entry(writer).or_insert(when);
+        *t = (*t).min(when);
+    }
+    let mut files = files;
+    files.sort_by_key(|(id, _)| {
+        let (writer, seq) = split_file_id(*id);
+        (first_seen[&writer], writer, seq)
+    });
+    Ok(files)
 }
 
 fn install_rebuilt(state: &mut State, index: Index, unpublished: &[u64]) {

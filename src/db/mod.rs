@@ -469,7 +469,15 @@ impl S4db {
     /// Many keys at once, with up to `concurrency` range GETs in flight.
     /// Returns the values in the order of `keys`.
     pub async fn get_many<K: AsRef<str>>(&self, keys: &[K]) -> Result<Vec<Option<Value>>> {
-        futures::stream::iter(keys.iter().map(|k| self.get(k.as_ref())))
+        // Owned futures: borrowing closures here make the future not `Send`-general.
+        let reads: Vec<_> = keys
+            .iter()
+            .map(|k| {
+                let (db, key) = (self.clone(), k.as_ref().to_string());
+                async move { db.get(&key).await }
+            })
+            .collect();
+        futures::stream::iter(reads)
             .buffered(self.inner.opts.concurrency.max(1))
             .collect::<Vec<_>>()
             .await

@@ -5,6 +5,7 @@ use super::{GetResult, ListPage, ObjectMeta, ObjectStore, PutCondition, StoreErr
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -44,6 +45,17 @@ pub struct FaultStore {
     inner: Arc<dyn ObjectStore>,
     rules: Mutex<Vec<Rule>>,
     calls: Mutex<Vec<(Op, String)>>,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+}
+
+/// Counts a call as in flight until dropped.
+struct InFlight<'a>(&'a FaultStore);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl FaultStore {
@@ -52,6 +64,8 @@ impl FaultStore {
             inner,
             rules: Mutex::new(Vec::new()),
             calls: Mutex::new(Vec::new()),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
         }
     }
 
@@ -86,6 +100,11 @@ impl FaultStore {
             .count()
     }
 
+    /// The most calls that were ever in flight at once: proves that reads overlap.
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight.load(Ordering::SeqCst)
+    }
+
     /// Records the call and returns the fault that applies to it, if any.
     fn check(&self, op: Op, key: &str) -> Option<Fault> {
         self.calls.lock().unwrap().push((op, key.to_string()));
@@ -104,12 +123,15 @@ impl FaultStore {
         None
     }
 
-    async fn before(&self, op: Op, key: &str) -> StoreResult<()> {
+    async fn before(&self, op: Op, key: &str) -> StoreResult<InFlight<'_>> {
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        let guard = InFlight(self);
         match self.check(op, key) {
-            None => Ok(()),
+            None => Ok(guard),
             Some(Fault::Delay(d)) => {
                 tokio::time::sleep(d).await;
-                Ok(())
+                Ok(guard)
             }
             Some(Fault::Conflict) => Err(StoreError::Conflict {
                 key: key.to_string(),
@@ -126,17 +148,17 @@ impl ObjectStore for FaultStore {
     }
 
     async fn get(&self, key: &str) -> StoreResult<GetResult> {
-        self.before(Op::Get, key).await?;
+        let _call = self.before(Op::Get, key).await?;
         self.inner.get(key).await
     }
 
     async fn get_range(&self, key: &str, offset: u64, len: u64) -> StoreResult<Bytes> {
-        self.before(Op::GetRange, key).await?;
+        let _call = self.before(Op::GetRange, key).await?;
         self.inner.get_range(key, offset, len).await
     }
 
     async fn put(&self, key: &str, data: Bytes, condition: PutCondition) -> StoreResult<String> {
-        self.before(Op::Put, key).await?;
+        let _call = self.before(Op::Put, key).await?;
         self.inner.put(key, data, condition).await
     }
 
@@ -146,22 +168,22 @@ impl ObjectStore for FaultStore {
         path: &Path,
         condition: PutCondition,
     ) -> StoreResult<String> {
-        self.before(Op::Put, key).await?;
+        let _call = self.before(Op::Put, key).await?;
         self.inner.put_file(key, path, condition).await
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {
-        self.before(Op::Delete, key).await?;
+        let _call = self.before(Op::Delete, key).await?;
         self.inner.delete(key).await
     }
 
     async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
-        self.before(Op::Head, key).await?;
+        let _call = self.before(Op::Head, key).await?;
         self.inner.head(key).await
     }
 
     async fn list_page(&self, prefix: &str, continuation: Option<String>) -> StoreResult<ListPage> {
-        self.before(Op::List, prefix).await?;
+        let _call = self.before(Op::List, prefix).await?;
         self.inner.list_page(prefix, continuation).await
     }
 }

@@ -1,0 +1,986 @@
+//! The engine against real stores: the local-directory backend and a moto S3
+//! server, plus fault injection, crash recovery and a reference model.
+
+mod common;
+
+use common::Moto;
+use s4db::format::{data_file_name, Value};
+use s4db::remote::{Fault, FaultStore, LocalStore, ObjectStore, Op, S3Config, S3Store};
+use s4db::{Error, OpenOptions, S4db, ScanMode};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A place to keep a database: a fresh local store or a fresh moto bucket.
+struct Backend {
+    name: &'static str,
+    store: Arc<dyn ObjectStore>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Backend {
+    fn local() -> Backend {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path(), "bucket").unwrap();
+        Backend {
+            name: "local",
+            store: Arc::new(store),
+            _dir: Some(dir),
+        }
+    }
+
+    async fn moto() -> Backend {
+        let moto = Moto::shared();
+        Backend {
+            name: "moto",
+            store: Arc::new(s3_store(moto, &moto.unique_bucket()).await),
+            _dir: None,
+        }
+    }
+
+    async fn all() -> Vec<Backend> {
+        vec![Backend::local(), Backend::moto().await]
+    }
+
+    async fn open(&self, prefix: &str, opts: OpenOptions) -> S4db {
+        S4db::open(self.store.clone(), prefix, opts).await.unwrap()
+    }
+}
+
+async fn s3_store(moto: &Moto, bucket: &str) -> S3Store {
+    let mut config = S3Config::new(bucket);
+    config.endpoint_url = Some(moto.endpoint.clone());
+    config.region = Some(common::REGION.into());
+    config.force_path_style = true;
+    config.credentials = Some((common::ACCESS_KEY.into(), common::SECRET_KEY.into()));
+    config.max_attempts = 2;
+    S3Store::connect(config).await.unwrap()
+}
+
+fn with_dir(dir: &std::path::Path) -> OpenOptions {
+    OpenOptions {
+        local_dir: Some(dir.to_path_buf()),
+        ..OpenOptions::default()
+    }
+}
+
+fn text(s: &str) -> Value {
+    Value::Text(s.to_string())
+}
+
+async fn get(db: &S4db, key: &str) -> Option<Value> {
+    db.get(key).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_round_trip_through_upload_and_reopen() {
+    let big: Vec<u8> = (0..3 * 1024 * 1024u32)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
+    let incompressible: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    for b in Backend::all().await {
+        let db = b.open("some/prefix", OpenOptions::default()).await;
+        assert!(db.is_empty());
+        db.put([
+            ("text", text("hello")),
+            ("unicode/ключ/🔑", text("значение ✓")),
+            ("empty", text("")),
+            ("empty-binary", Value::Binary(vec![])),
+            ("binary", Value::Binary(vec![0, 159, 255, 0])),
+            ("incompressible", Value::Binary(incompressible.clone())),
+            ("compressible", text(&"abc".repeat(1000))),
+            ("big", Value::Binary(big.clone())),
+            ("gone", text("soon")),
+        ])
+        .unwrap();
+        assert_eq!(db.delete(["gone", "never-existed"]).unwrap(), 1);
+        db.put([("text", text("hello again"))]).unwrap();
+        assert_eq!(get(&db, "text").await, Some(text("hello again")));
+        let report = db.upload().await.unwrap();
+        assert!(
+            report.committed && report.files == 1,
+            "{}: {report:?}",
+            b.name
+        );
+
+        let fresh = b.open("some/prefix/", OpenOptions::default()).await;
+        assert_eq!(fresh.len(), 8, "{}", b.name);
+        assert_eq!(get(&fresh, "text").await, Some(text("hello again")));
+        assert_eq!(
+            get(&fresh, "unicode/ключ/🔑").await,
+            Some(text("значение ✓"))
+        );
+        assert_eq!(get(&fresh, "empty").await, Some(text("")));
+        assert_eq!(
+            get(&fresh, "empty-binary").await,
+            Some(Value::Binary(vec![]))
+        );
+        assert_eq!(
+            get(&fresh, "binary").await,
+            Some(Value::Binary(vec![0, 159, 255, 0]))
+        );
+        assert_eq!(
+            get(&fresh, "incompressible").await,
+            Some(Value::Binary(incompressible.clone()))
+        );
+        assert_eq!(get(&fresh, "big").await, Some(Value::Binary(big.clone())));
+        assert_eq!(get(&fresh, "gone").await, None);
+        assert_eq!(fresh.keys()[0], "big");
+        let many = fresh.get_many(&["text", "nope", "empty"]).await.unwrap();
+        assert_eq!(many, vec![Some(text("hello again")), None, Some(text(""))]);
+        for mode in [ScanMode::PerKey, ScanMode::Local] {
+            let items = fresh.items(mode).await.unwrap();
+            assert_eq!(items.len(), 8);
+            assert_eq!(items[0].0, "big");
+        }
+        // Another prefix in the same bucket is another database.
+        assert!(b.open("other", OpenOptions::default()).await.is_empty());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_open_touches_no_local_directory_and_needs_one_get() {
+    let b = Backend::local();
+    let faulty = Arc::new(FaultStore::new(b.store.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("work");
+    let db = S4db::open(faulty.clone(), "p", with_dir(&local))
+        .await
+        .unwrap();
+    assert_eq!(faulty.calls(), vec![(Op::Get, "p/index.idx".to_string())]);
+    assert!(!local.exists(), "open must not create the local directory");
+    db.put([("k", text("v"))]).unwrap();
+    assert!(local.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_are_validated_before_anything_is_written() {
+    let b = Backend::local();
+    let db = b.open("", OpenOptions::default()).await;
+    let long = "k".repeat(65536);
+    let err = db
+        .put([("fine", text("1")), (long.as_str(), text("2"))])
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidKey { .. }), "{err}");
+    assert!(err.to_string().contains("65535"), "{err}");
+    assert!(db.is_empty() && !db.has_unsynced_writes());
+    db.put([("k".repeat(65535), text("max"))]).unwrap();
+    db.upload().await.unwrap();
+    let fresh = b.open("", OpenOptions::default()).await;
+    assert_eq!(get(&fresh, &"k".repeat(65535)).await, Some(text("max")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsynced_writes_survive_the_process_and_publish_on_next_upload() {
+    for b in Backend::all().await {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = b.open("p", with_dir(dir.path())).await;
+            db.put([("committed", text("1"))]).unwrap();
+            db.upload().await.unwrap();
+            db.put([("unsynced", text("2")), ("committed", text("1b"))])
+                .unwrap();
+            db.delete(["committed"]).unwrap();
+            db.put([("later", Value::Binary(vec![1, 2, 3]))]).unwrap();
+            // dropped without upload: like a process that died
+        }
+        let remote_view = b.open("p", OpenOptions::default()).await;
+        assert_eq!(remote_view.keys(), vec!["committed"], "{}", b.name);
+
+        let db = b.open("p", with_dir(dir.path())).await;
+        assert_eq!(db.keys(), vec!["later", "unsynced"], "{}", b.name);
+        assert!(db.has_unsynced_writes());
+        assert_eq!(get(&db, "unsynced").await, Some(text("2")));
+        db.upload().await.unwrap();
+        drop(db);
+        let fresh = b.open("p", OpenOptions::default()).await;
+        assert_eq!(fresh.keys(), vec!["later", "unsynced"], "{}", b.name);
+        assert_eq!(
+            get(&fresh, "later").await,
+            Some(Value::Binary(vec![1, 2, 3]))
+        );
+        // Nothing is replayed twice.
+        let again = b.open("p", with_dir(dir.path())).await;
+        assert!(!again.has_unsynced_writes(), "{}", b.name);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_tail_is_cut_off_cleanly() {
+    let b = Backend::local();
+    let dir = tempfile::tempdir().unwrap();
+    let file = {
+        let db = b.open("p", with_dir(dir.path())).await;
+        db.put([("a", text("1")), ("b", text("2"))]).unwrap();
+        let loc = db.location("b").unwrap();
+        dir.path().join(data_file_name(loc.file_id))
+    };
+    let good_len = std::fs::metadata(&file).unwrap().len();
+    // Half an entry, as a crash mid-write leaves it.
+    let mut torn = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&file)
+        .unwrap();
+    std::io::Write::write_all(&mut torn, &[0x00, 0, 0, 0, 1, 0, 0, 0, 9, b'c', b'x']).unwrap();
+    drop(torn);
+
+    let db = b.open("p", with_dir(dir.path())).await;
+    assert_eq!(db.keys(), vec!["a", "b"]);
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), good_len);
+    db.upload().await.unwrap();
+    let fresh = b.open("p", OpenOptions::default()).await;
+    assert_eq!(get(&fresh, "b").await, Some(text("2")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_cannot_share_a_local_directory() {
+    let b = Backend::local();
+    let dir = tempfile::tempdir().unwrap();
+    let first = b.open("p", with_dir(dir.path())).await;
+    first.put([("k", text("v"))]).unwrap();
+    let err = S4db::open(b.store.clone(), "p", with_dir(dir.path()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::LocalDirBusy { .. }), "{err}");
+    assert!(
+        err.to_string().contains(&dir.path().display().to_string()),
+        "{err}"
+    );
+    drop(first);
+    b.open("p", with_dir(dir.path())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_sends_only_what_was_written_since_the_last() {
+    for b in Backend::all().await {
+        let db = b.open("p", OpenOptions::default()).await;
+        let value = Value::Binary(
+            (0..200_000u32)
+                .map(|i| (i.wrapping_mul(2654435761) >> 7) as u8)
+                .collect(),
+        );
+        db.put([("big", value)]).unwrap();
+        let first = db.upload().await.unwrap();
+        assert!(first.bytes > 200_000);
+        db.put([("small", text("tiny"))]).unwrap();
+        let second = db.upload().await.unwrap();
+        assert_eq!(second.files, 1, "{}", b.name);
+        assert!(
+            second.bytes < 100,
+            "{}: re-sent {} bytes",
+            b.name,
+            second.bytes
+        );
+        assert_eq!(
+            db.upload().await.unwrap(),
+            Default::default(),
+            "nothing to do"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_roll_at_the_soft_size_limit() {
+    let b = Backend::local();
+    let opts = OpenOptions {
+        max_file_size: 100,
+        ..OpenOptions::default()
+    };
+    let db = b.open("p", opts).await;
+    db.put((0..10).map(|i| (format!("key{i}"), text(&format!("value number {i}")))))
+        .unwrap();
+    db.put([("huge", text(&"x".repeat(500)))]).unwrap();
+    let files: std::collections::BTreeSet<u64> = db
+        .keys()
+        .iter()
+        .map(|k| db.location(k).unwrap().file_id)
+        .collect();
+    assert!(files.len() >= 4, "{files:?}");
+    db.upload().await.unwrap();
+    let fresh = b.open("p", OpenOptions::default()).await;
+    for i in 0..10 {
+        assert_eq!(
+            get(&fresh, &format!("key{i}")).await,
+            Some(text(&format!("value number {i}")))
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_uploads_lose_no_update() {
+    for b in Backend::all().await {
+        let seed = b.open("p", OpenOptions::default()).await;
+        seed.put([("shared", text("0")), ("doomed", text("x"))])
+            .unwrap();
+        seed.upload().await.unwrap();
+
+        let one = b.open("p", OpenOptions::default()).await;
+        let two = b.open("p", OpenOptions::default()).await;
+        one.put((0..50).map(|i| (format!("one/{i}"), text("1"))))
+            .unwrap();
+        two.put((0..50).map(|i| (format!("two/{i}"), text("2"))))
+            .unwrap();
+        one.put([("shared", text("one"))]).unwrap();
+        two.delete(["doomed"]).unwrap();
+        let (r1, r2) = tokio::join!(one.upload(), two.upload());
+        let (r1, r2) = (r1.unwrap(), r2.unwrap());
+        assert!(
+            r1.rebases + r2.rebases >= 1,
+            "{}: one of them must have rebased",
+            b.name
+        );
+
+        let fresh = b.open("p", OpenOptions::default()).await;
+        assert_eq!(fresh.len(), 101, "{}", b.name);
+        assert_eq!(get(&fresh, "shared").await, Some(text("one")));
+        assert_eq!(get(&fresh, "doomed").await, None);
+        assert_eq!(get(&fresh, "two/49").await, Some(text("2")));
+        // The later committer's view includes the other's writes too.
+        let later = if r1.rebases > 0 { &one } else { &two };
+        assert_eq!(later.len(), 101);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_during_an_upload_are_not_published_by_it() {
+    let b = Backend::local();
+    let faulty = Arc::new(FaultStore::new(b.store.clone()));
+    faulty.inject(
+        Op::Put,
+        "index.idx",
+        0,
+        1,
+        Fault::Delay(Duration::from_millis(300)),
+    );
+    let db = S4db::open(faulty.clone(), "p", OpenOptions::default())
+        .await
+        .unwrap();
+    db.put([("before", text("1")), ("changed", text("old"))])
+        .unwrap();
+    let uploading = tokio::spawn({
+        let db = db.clone();
+        async move { db.upload().await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    db.put([("during", text("2")), ("changed", text("new"))])
+        .unwrap();
+    db.delete(["before"]).unwrap();
+    uploading.await.unwrap().unwrap();
+
+    let remote = b.open("p", OpenOptions::default()).await;
+    assert_eq!(remote.keys(), vec!["before", "changed"]);
+    assert_eq!(get(&remote, "changed").await, Some(text("old")));
+    assert!(db.has_unsynced_writes());
+    db.upload().await.unwrap();
+    let remote = b.open("p", OpenOptions::default()).await;
+    assert_eq!(remote.keys(), vec!["changed", "during"]);
+    assert_eq!(get(&remote, "changed").await, Some(text("new")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_failures_keep_every_write_for_the_next_upload() {
+    let b = Backend::local();
+    let faulty = Arc::new(FaultStore::new(b.store.clone()));
+    let db = S4db::open(faulty.clone(), "p", OpenOptions::default())
+        .await
+        .unwrap();
+    db.put([("a", text("1"))]).unwrap();
+    faulty.inject(Op::Put, ".s4db", 0, 1, Fault::Error("503 SlowDown".into()));
+    let err = db.upload().await.unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("p/data_") && msg.contains("503 SlowDown"),
+        "{msg}"
+    );
+    faulty.inject(Op::Put, "index.idx", 0, 1, Fault::Error("timed out".into()));
+    let err = db.upload().await.unwrap_err();
+    assert!(err.to_string().contains("p/index.idx"), "{err}");
+    db.put([("b", text("2"))]).unwrap();
+    db.upload().await.unwrap();
+    let fresh = b.open("p", OpenOptions::default()).await;
+    assert_eq!(fresh.keys(), vec!["a", "b"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_reads_overlap_and_do_not_block_writers() {
+    let b = Backend::moto().await;
+    let seed = b.open("p", OpenOptions::default()).await;
+    seed.put((0..16).map(|i| (format!("k{i}"), text(&format!("v{i}")))))
+        .unwrap();
+    seed.upload().await.unwrap();
+
+    let faulty = Arc::new(FaultStore::new(b.store.clone()));
+    faulty.inject(
+        Op::GetRange,
+        "",
+        0,
+        100,
+        Fault::Delay(Duration::from_millis(200)),
+    );
+    let db = S4db::open(faulty.clone(), "p", OpenOptions::default())
+        .await
+        .unwrap();
+    let keys: Vec<String> = (0..16).map(|i| format!("k{i}")).collect();
+    let reading = tokio::spawn({
+        let db = db.clone();
+        async move { db.get_many(&keys).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // A put while 16 slow reads are in flight: it must not wait for them.
+    db.put([("written", text("during reads"))]).unwrap();
+    assert!(
+        !reading.is_finished(),
+        "the put returned while reads were still in flight"
+    );
+    let values = reading.await.unwrap().unwrap();
+    assert_eq!(values[3], Some(text("v3")));
+    assert!(
+        faulty.max_in_flight() >= 8,
+        "only {} reads overlapped",
+        faulty.max_in_flight()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_entries_are_reported_and_rebuild_recovers() {
+    for b in Backend::all().await {
+        let db = b.open("p", OpenOptions::default()).await;
+        db.put([
+            ("a", text("first")),
+            ("b", text("second")),
+            ("c", text("third")),
+        ])
+        .unwrap();
+        db.upload().await.unwrap();
+        let loc_b = db.location("b").unwrap();
+        let name = format!("p/{}", data_file_name(loc_b.file_id));
+        let mut bytes = b.store.get(&name).await.unwrap().data.to_vec();
+        bytes[loc_b.offset as usize + 10] ^= 0x40;
+        b.store
+            .put(&name, bytes.into(), s4db::remote::PutCondition::None)
+            .await
+            .unwrap();
+
+        let fresh = b.open("p", OpenOptions::default()).await;
+        assert_eq!(get(&fresh, "a").await, Some(text("first")));
+        let err = fresh.get("b").await.unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, Error::Corrupt(_)), "{msg}");
+        assert!(
+            msg.contains(&data_file_name(loc_b.file_id)) && msg.contains("CRC"),
+            "{msg}"
+        );
+        assert!(msg.contains(&format!("offset {}", loc_b.offset)), "{msg}");
+
+        // Rebuild from the store: replay stops at the corrupt entry and keeps the rest.
+        let dir = tempfile::tempdir().unwrap();
+        let rebuilder = b.open("p", with_dir(dir.path())).await;
+        let report = rebuilder.rebuild_index(true).await.unwrap();
+        assert_eq!(report.torn.len(), 1, "{}: {report:?}", b.name);
+        assert_eq!(rebuilder.keys(), vec!["a"]);
+        rebuilder.upload().await.unwrap();
+        assert_eq!(b.open("p", OpenOptions::default()).await.keys(), vec!["a"]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_or_lost_index_is_rebuilt_from_the_store() {
+    for b in Backend::all().await {
+        let db = b.open("p", OpenOptions::default()).await;
+        db.put([("a", text("1")), ("b", text("2"))]).unwrap();
+        db.upload().await.unwrap();
+        db.put([("c", text("3"))]).unwrap();
+        db.delete(["a"]).unwrap();
+        db.upload().await.unwrap();
+
+        let key = "p/index.idx";
+        let mut index = b.store.get(key).await.unwrap().data.to_vec();
+        let n = index.len();
+        index[n - 1] ^= 1;
+        b.store
+            .put(key, index.into(), s4db::remote::PutCondition::None)
+            .await
+            .unwrap();
+        let err = S4db::open(b.store.clone(), "p", OpenOptions::default())
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("p/index.idx") && err.to_string().contains("rebuild"),
+            "{err}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let opts = OpenOptions {
+            ignore_corrupt_index: true,
+            ..with_dir(dir.path())
+        };
+        let db = b.open("p", opts).await;
+        db.rebuild_index(true).await.unwrap();
+        assert_eq!(db.keys(), vec!["b", "c"]);
+        db.upload().await.unwrap();
+        let fresh = b.open("p", OpenOptions::default()).await;
+        assert_eq!(fresh.keys(), vec!["b", "c"], "{}", b.name);
+
+        // Lost entirely: the same from the data files alone.
+        b.store.delete(key).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let db = b.open("p", with_dir(dir.path())).await;
+        assert!(db.is_empty());
+        db.rebuild_index(true).await.unwrap();
+        db.upload().await.unwrap();
+        assert_eq!(
+            b.open("p", OpenOptions::default()).await.keys(),
+            vec!["b", "c"]
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_keeps_live_values_and_drops_dead_files() {
+    for b in Backend::all().await {
+        let db = b.open("p", OpenOptions::default()).await;
+        for round in 0..4 {
+            db.put((0..20).map(|i| (format!("k{i}"), text(&format!("round {round} value {i}")))))
+                .unwrap();
+            db.upload().await.unwrap();
+        }
+        db.delete((10..20).map(|i| format!("k{i}"))).unwrap();
+        db.upload().await.unwrap();
+        let before = b.store.list("p/").await.unwrap().len();
+        let report = db.compact().await.unwrap();
+        assert_eq!(report.keys, 10);
+        assert_eq!(report.files_after, 1, "{report:?}");
+        assert!(report.bytes_after < report.bytes_before);
+        let after = b.store.list("p/").await.unwrap();
+        assert_eq!(
+            after.len(),
+            2,
+            "{}: {before} objects became {after:?}",
+            b.name
+        );
+        let fresh = b.open("p", OpenOptions::default()).await;
+        assert_eq!(fresh.len(), 10);
+        assert_eq!(get(&fresh, "k3").await, Some(text("round 3 value 3")));
+        // Writes after compaction go on as usual.
+        db.put([("k0", text("after"))]).unwrap();
+        db.upload().await.unwrap();
+        assert_eq!(
+            get(&b.open("p", OpenOptions::default()).await, "k0").await,
+            Some(text("after"))
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compaction_that_loses_the_race_changes_nothing() {
+    let b = Backend::local();
+    let db = b.open("p", OpenOptions::default()).await;
+    db.put([("a", text("1")), ("b", text("2"))]).unwrap();
+    db.upload().await.unwrap();
+    db.put([("a", text("1b"))]).unwrap();
+    db.upload().await.unwrap();
+    let other = b.open("p", OpenOptions::default()).await;
+    other.put([("c", text("3"))]).unwrap();
+    other.upload().await.unwrap();
+    let objects_before = b.store.list("p/").await.unwrap();
+    let err = db.compact().await.unwrap_err();
+    assert!(matches!(err, Error::Conflict(_)), "{err}");
+    let fresh = b.open("p", OpenOptions::default()).await;
+    assert_eq!(fresh.keys(), vec!["a", "b", "c"]);
+    assert_eq!(get(&fresh, "a").await, Some(text("1b")));
+    assert_eq!(
+        b.store.list("p/").await.unwrap().len(),
+        objects_before.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_deletes_only_old_unreferenced_objects() {
+    for b in Backend::all().await {
+        let db = b.open("p", OpenOptions::default()).await;
+        db.put([("a", text("1"))]).unwrap();
+        db.upload().await.unwrap();
+        // An orphan: uploaded by a writer that died before committing.
+        let orphan = format!("p/{}", data_file_name(s4db::format::file_id(0xdead, 1)));
+        let mut bytes = s4db::format::encode_file_header(1).to_vec();
+        s4db::format::encode_entry(&mut bytes, "lost", Some(&text("x")));
+        b.store
+            .put(&orphan, bytes.into(), s4db::remote::PutCondition::None)
+            .await
+            .unwrap();
+
+        let other = b.open("p", OpenOptions::default()).await;
+        assert!(
+            other
+                .gc(Duration::from_secs(3600))
+                .await
+                .unwrap()
+                .is_empty(),
+            "young objects stay"
+        );
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let deleted = other.gc(Duration::from_secs(1)).await.unwrap();
+        assert_eq!(
+            deleted,
+            vec![data_file_name(s4db::format::file_id(0xdead, 1))],
+            "{}",
+            b.name
+        );
+        assert_eq!(
+            get(&b.open("p", OpenOptions::default()).await, "a").await,
+            Some(text("1"))
+        );
+        db.put([("b", text("2"))]).unwrap();
+        assert!(matches!(
+            db.gc(Duration::ZERO).await,
+            Err(Error::Unsynced(_))
+        ));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn download_mirrors_the_store_and_refuses_to_drop_unsynced_writes() {
+    let b = Backend::moto().await;
+    let writer = b.open("p", OpenOptions::default()).await;
+    writer.put([("a", text("1")), ("b", text("2"))]).unwrap();
+    writer.upload().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = b.open("p", with_dir(dir.path())).await;
+    db.put([("mine", text("x"))]).unwrap();
+    assert!(matches!(db.download(false).await, Err(Error::Unsynced(_))));
+    db.download(true).await.unwrap();
+    assert_eq!(db.keys(), vec!["a", "b"]);
+    let local_files: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".s4db"))
+        .collect();
+    assert_eq!(local_files.len(), 1, "{local_files:?}");
+    // Reads are now local: no range GET.
+    let faulty = Arc::new(FaultStore::new(b.store.clone()));
+    drop(db);
+    let db = S4db::open(faulty.clone(), "p", with_dir(dir.path()))
+        .await
+        .unwrap();
+    assert_eq!(get(&db, "b").await, Some(text("2")));
+    assert_eq!(faulty.count(Op::GetRange), 0);
+}
+
+/// The child half of the crash test: put keys one at a time, reporting each.
+#[test]
+fn crash_child_writer() {
+    let Ok(spec) = std::env::var("S4DB_CRASH_CHILD") else {
+        return; // only meaningful when spawned by the crash test below
+    };
+    let (root, local) = spec.split_once('|').unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = Arc::new(LocalStore::open(root, "bucket").unwrap());
+        let db = S4db::open(store, "p", with_dir(std::path::Path::new(local)))
+            .await
+            .unwrap();
+        for i in 0.. {
+            let value = format!("value {i} {}", "x".repeat(i % 500));
+            db.put([(format!("key{i:06}"), text(&value))]).unwrap();
+            println!("done {i}");
+            if i % 50 == 0 {
+                db.upload().await.unwrap();
+            }
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_writer_loses_no_completed_put() {
+    use std::io::BufRead;
+    let root = tempfile::tempdir().unwrap();
+    let local = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "crash_child_writer",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(
+            "S4DB_CRASH_CHILD",
+            format!("{}|{}", root.path().display(), local.path().display()),
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut last = None;
+    for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if let Some(n) = line.strip_prefix("done ") {
+            let n: usize = n.parse().unwrap();
+            last = Some(n);
+            if n >= 777 {
+                child.kill().unwrap(); // SIGKILL, mid-stream
+                break;
+            }
+        }
+    }
+    child.wait().unwrap();
+    let last = last.expect("the child wrote nothing");
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::open(root.path(), "bucket").unwrap());
+    let db = S4db::open(store.clone(), "p", with_dir(local.path()))
+        .await
+        .unwrap();
+    for i in 0..=last {
+        let value = format!("value {i} {}", "x".repeat(i % 500));
+        assert_eq!(
+            get(&db, &format!("key{i:06}")).await,
+            Some(text(&value)),
+            "key{i:06}"
+        );
+    }
+    db.upload().await.unwrap();
+    let fresh = S4db::open(store, "p", OpenOptions::default())
+        .await
+        .unwrap();
+    assert!(
+        fresh.len() > last,
+        "{} keys after upload, {} were acknowledged",
+        fresh.len(),
+        last + 1
+    );
+}
+
+mod model {
+    //! A reference model: random operation sequences against a `BTreeMap`.
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Put(Vec<(u8, Option<Vec<u8>>)>),
+        Delete(Vec<u8>),
+        Upload,
+        Reopen,
+        Crash,
+        Compact,
+        Rebuild,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        let value = prop_oneof![
+            Just(None),
+            proptest::collection::vec(any::<u8>(), 0..40).prop_map(Some)
+        ];
+        prop_oneof![
+            6 => proptest::collection::vec((0u8..12, value), 1..5).prop_map(Step::Put),
+            2 => proptest::collection::vec(0u8..12, 1..4).prop_map(Step::Delete),
+            3 => Just(Step::Upload),
+            1 => Just(Step::Reopen),
+            1 => Just(Step::Crash),
+            1 => Just(Step::Compact),
+            1 => Just(Step::Rebuild),
+        ]
+    }
+
+    fn key(k: u8) -> String {
+        format!("dir{}/key{k}", k % 3)
+    }
+
+    /// `None` bytes stand for a text value.
+    fn value(k: u8, v: &Option<Vec<u8>>) -> Value {
+        match v {
+            None => Value::Text(format!("text for {k} ✓")),
+            Some(b) => Value::Binary(b.clone()),
+        }
+    }
+
+    async fn run(b: &Backend, steps: Vec<Step>) -> Result<(), TestCaseError> {
+        let dir: PathBuf = tempfile::tempdir().unwrap().keep();
+        let opts = || OpenOptions {
+            max_file_size: 120,
+            ..with_dir(&dir)
+        };
+        let mut db = b.open("m", opts()).await;
+        let mut model: BTreeMap<String, Value> = BTreeMap::new();
+        let mut committed = model.clone();
+        for step in steps {
+            match step {
+                Step::Put(items) => {
+                    let batch: Vec<(String, Value)> =
+                        items.iter().map(|(k, v)| (key(*k), value(*k, v))).collect();
+                    for (k, v) in &batch {
+                        model.insert(k.clone(), v.clone());
+                    }
+                    db.put(batch).unwrap();
+                }
+                Step::Delete(keys) => {
+                    let keys: Vec<String> = keys.iter().map(|k| key(*k)).collect();
+                    for k in &keys {
+                        model.remove(k);
+                    }
+                    db.delete(&keys).unwrap();
+                }
+                Step::Upload => {
+                    db.upload().await.unwrap();
+                    committed = model.clone();
+                }
+                Step::Reopen | Step::Crash => {
+                    if matches!(step, Step::Reopen) {
+                        db.upload().await.unwrap();
+                        committed = model.clone();
+                    }
+                    drop(db);
+                    db = b.open("m", opts()).await;
+                }
+                Step::Compact => {
+                    db.upload().await.unwrap();
+                    committed = model.clone();
+                    db.compact().await.unwrap();
+                }
+                Step::Rebuild => {
+                    // Writers that followed each other within one second have
+                    // no recoverable order; compaction first gives one writer.
+                    db.upload().await.unwrap();
+                    committed = model.clone();
+                    db.compact().await.unwrap();
+                    // Other writers' dead files hold tombstones and old puts
+                    // alike; without them a rebuild cannot resurrect anything.
+                    db.gc(Duration::ZERO).await.unwrap();
+                    db.rebuild_index(true).await.unwrap();
+                    db.upload().await.unwrap();
+                }
+            }
+            let keys: Vec<String> = model.keys().cloned().collect();
+            prop_assert_eq!(db.keys(), keys);
+        }
+        for (k, v) in &model {
+            let got = db.get(k).await.unwrap();
+            prop_assert_eq!(got.as_ref(), Some(v), "{}", k);
+        }
+        let remote = b.open("m", OpenOptions::default()).await;
+        let remote_items: BTreeMap<String, Value> = remote
+            .items(ScanMode::PerKey)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+        prop_assert_eq!(remote_items, committed);
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+
+    fn check<F, Fut>(cases: u32, backend: F)
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Backend>,
+    {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let config = ProptestConfig {
+            cases,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        };
+        proptest!(config, |(steps in proptest::collection::vec(step(), 1..25))| {
+            rt.block_on(async {
+                let b = backend().await;
+                run(&b, steps).await
+            })?;
+        });
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    /// A tombstone in a file compaction deletes must not leave the put it
+    /// deleted alive in an older file a rebuild would replay.
+    async fn rebuild_after_compaction_resurrects_nothing() {
+        let steps = vec![
+            Step::Put(vec![
+                (4, None),
+                (6, None),
+                (
+                    6,
+                    Some(vec![
+                        0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 12, 212, 48, 141, 234,
+                    ]),
+                ),
+            ]),
+            Step::Delete(vec![4]),
+            Step::Compact,
+            Step::Rebuild,
+        ];
+        run(&Backend::local(), steps).await.unwrap();
+    }
+
+    #[test]
+    fn model_on_the_local_backend() {
+        check(64, || async { Backend::local() });
+    }
+
+    #[test]
+    fn model_on_moto() {
+        let store = tokio::sync::OnceCell::new();
+        let case = std::sync::atomic::AtomicUsize::new(0);
+        check(12, || async {
+            let inner: &Arc<dyn ObjectStore> = store
+                .get_or_init(|| async {
+                    let moto = Moto::shared();
+                    Arc::new(s3_store(moto, &moto.unique_bucket()).await) as Arc<dyn ObjectStore>
+                })
+                .await;
+            // A new prefix per case keeps the cases apart in one bucket.
+            let n = case.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Backend {
+                name: "moto",
+                store: Arc::new(Prefixed(inner.clone(), format!("case{n}/"))),
+                _dir: None,
+            }
+        });
+    }
+
+    /// Puts every key of a store under a sub-prefix (one bucket, many cases).
+    #[derive(Debug)]
+    struct Prefixed(Arc<dyn ObjectStore>, String);
+
+    #[async_trait::async_trait]
+    impl ObjectStore for Prefixed {
+        fn describe(&self) -> String {
+            self.0.describe()
+        }
+        async fn get(&self, key: &str) -> s4db::remote::StoreResult<s4db::remote::GetResult> {
+            self.0.get(&format!("{}{key}", self.1)).await
+        }
+        async fn get_range(
+            &self,
+            key: &str,
+            o: u64,
+            l: u64,
+        ) -> s4db::remote::StoreResult<bytes::Bytes> {
+            self.0.get_range(&format!("{}{key}", self.1), o, l).await
+        }
+        async fn put(
+            &self,
+            key: &str,
+            d: bytes::Bytes,
+            c: s4db::remote::PutCondition,
+        ) -> s4db::remote::StoreResult<String> {
+            self.0.put(&format!("{}{key}", self.1), d, c).await
+        }
+        async fn delete(&self, key: &str) -> s4db::remote::StoreResult<()> {
+            self.0.delete(&format!("{}{key}", self.1)).await
+        }
+        async fn head(&self, key: &str) -> s4db::remote::StoreResult<s4db::remote::ObjectMeta> {
+            self.0.head(&format!("{}{key}", self.1)).await
+        }
+        async fn list_page(
+            &self,
+            prefix: &str,
+            c: Option<String>,
+        ) -> s4db::remote::StoreResult<s4db::remote::ListPage> {
+            let mut page = self.0.list_page(&format!("{}{prefix}", self.1), c).await?;
+            for o in &mut page.objects {
+                o.key = o.key[self.1.len()..].to_string();
+            }
+            Ok(page)
+        }
+    }
+}
