@@ -3,9 +3,9 @@
 
 mod common;
 
-use common::Moto;
+use common::{s3_store, Moto};
 use s4db::format::{data_file_name, Value};
-use s4db::remote::{Fault, FaultStore, LocalStore, ObjectStore, Op, S3Config, S3Store};
+use s4db::remote::{Fault, FaultStore, LocalStore, ObjectStore, Op};
 use s4db::{Error, OpenOptions, S4db, ScanMode};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -48,21 +48,24 @@ impl Backend {
     }
 }
 
-async fn s3_store(moto: &Moto, bucket: &str) -> S3Store {
-    let mut config = S3Config::new(bucket);
-    config.endpoint_url = Some(moto.endpoint.clone());
-    config.region = Some(common::REGION.into());
-    config.force_path_style = true;
-    config.credentials = Some((common::ACCESS_KEY.into(), common::SECRET_KEY.into()));
-    config.max_attempts = 2;
-    S3Store::connect(config).await.unwrap()
-}
-
 fn with_dir(dir: &std::path::Path) -> OpenOptions {
     OpenOptions {
         local_dir: Some(dir.to_path_buf()),
         ..OpenOptions::default()
     }
+}
+
+/// Bytes Snappy cannot shrink (xorshift noise).
+fn noise(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
 }
 
 fn text(s: &str) -> Value {
@@ -78,9 +81,7 @@ async fn values_round_trip_through_upload_and_reopen() {
     let big: Vec<u8> = (0..3 * 1024 * 1024u32)
         .map(|i| (i * 7 % 251) as u8)
         .collect();
-    let incompressible: Vec<u8> = (0..4096u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
+    let incompressible = noise(4096);
     for b in Backend::all().await {
         let db = b.open("some/prefix", OpenOptions::default()).await;
         assert!(db.is_empty());

@@ -511,3 +511,19 @@ impl PyValue {
         }
     }
 }
+
+// -------------------------------------------------------------------- s4db
+
+/// An S3 store on `bucket` of this moto server, with explicit test credentials
+/// (nothing read from the host's AWS configuration).
+pub async fn s3_store(moto: &Moto, bucket: &str) -> s4db::remote::S3Store {
+    let mut config = s4db::remote::S3Config::new(bucket);
+    config.endpoint_url = Some(moto.endpoint.clone());
+    config.region = Some(REGION.into());
+    config.force_path_style = true;
+    config.credentials = Some((ACCESS_KEY.into(), SECRET_KEY.into()));
+    config.max_attempts = 2;
+    s4db::remote::S3Store::connect(config)
+        .await
+        .expect("connect to moto")
+}
