@@ -484,6 +484,44 @@ async fn corrupt_entries_are_reported_and_rebuild_recovers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_data_files_and_indexes_are_clear_errors() {
+    for b in Backend::all().await {
+        let db = b.open("p", OpenOptions::default()).await;
+        db.put([("a", text("first")), ("b", text(&"second ".repeat(50)))])
+            .unwrap();
+        db.upload().await.unwrap();
+        let loc_b = db.location("b").unwrap();
+        let name = format!("p/{}", data_file_name(loc_b.file_id));
+        let bytes = b.store.get(&name).await.unwrap().data;
+        let cut = bytes.slice(..(loc_b.offset as usize + 20));
+        b.store
+            .put(&name, cut, s4db::remote::PutCondition::None)
+            .await
+            .unwrap();
+        let fresh = b.open("p", OpenOptions::default()).await;
+        assert_eq!(get(&fresh, "a").await, Some(text("first")));
+        let msg = fresh.get("b").await.unwrap_err().to_string();
+        assert!(
+            msg.contains("truncated") && msg.contains(&name[2..]),
+            "{}: {msg}",
+            b.name
+        );
+
+        let index = b.store.get("p/index.idx").await.unwrap().data;
+        let short = index.slice(..index.len() - 7);
+        b.store
+            .put("p/index.idx", short, s4db::remote::PutCondition::None)
+            .await
+            .unwrap();
+        let err = S4db::open(b.store.clone(), "p", OpenOptions::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Corrupt(_)), "{err}");
+        assert!(err.to_string().contains("p/index.idx"), "{err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_or_lost_index_is_rebuilt_from_the_store() {
     for b in Backend::all().await {
         let db = b.open("p", OpenOptions::default()).await;

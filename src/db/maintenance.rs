@@ -4,8 +4,8 @@ use super::state::{OwnFile, State};
 use super::{S4db, ScanMode};
 use crate::error::{Error, Result};
 use crate::format::{
-    data_file_name, decode_entry, encode_file_header, file_id, parse_data_file_name, scan_entries,
-    split_file_id, Index, Location, HEADER_SIZE, INDEX_NAME,
+    data_file_name, encode_file_header, file_id, parse_data_file_name, scan_entries, split_file_id,
+    Corruption, FormatError, Index, Location, HEADER_SIZE, INDEX_NAME,
 };
 use crate::remote::{ObjectMeta, PutCondition, StoreError};
 use futures::StreamExt;
@@ -183,22 +183,23 @@ impl S4db {
             entries.sort_unstable();
             let name = data_file_name(*old_id);
             for (offset, length, key) in entries.iter() {
+                let loc = Location {
+                    file_id: *old_id,
+                    offset: *offset,
+                    length: *length,
+                };
                 let bytes = local.read_at(*old_id, *offset, *length)?.ok_or_else(|| {
-                    Error::Usage(format!("{name} is shorter than the index says"))
-                })?;
-                // Verify before copying: compaction must never propagate corruption.
-                let entry = decode_entry(&name, *offset, &bytes)?;
-                if entry.key != *key || entry.value.is_none() {
-                    return Err(crate::format::FormatError::new(
+                    FormatError::new(
                         &name,
                         *offset,
-                        crate::format::Corruption::WrongKey {
-                            expected: key.to_string(),
-                            found: entry.key,
+                        Corruption::Truncated {
+                            need: *offset + *length as u64,
+                            have: local.size_of(*old_id).ok().flatten().unwrap_or(0),
                         },
                     )
-                    .into());
-                }
+                })?;
+                // Verify before copying: compaction must never propagate corruption.
+                super::decode_live(key, loc, &bytes)?;
                 let roll = match &out {
                     None => true,
                     Some((_, _, len)) => *len > HEADER_SIZE && len + *length as u64 > max,

@@ -134,6 +134,28 @@ struct Inner {
     maintenance: tokio::sync::Mutex<()>,
 }
 
+/// Decodes the entry bytes found at `loc` (CRC first), checking that they are
+/// a live value of `key`: an index pointing at the wrong bytes is corruption.
+pub(crate) fn decode_live(key: &str, loc: Location, bytes: &[u8]) -> Result<Value> {
+    let name = data_file_name(loc.file_id);
+    let entry = decode_entry(&name, loc.offset, bytes)?;
+    match entry.value {
+        Some(value) if entry.key == key => Ok(value),
+        value => Err(FormatError::new(
+            &name,
+            loc.offset,
+            Corruption::WrongKey {
+                expected: key.to_string(),
+                found: match value {
+                    Some(_) => entry.key,
+                    None => format!("a tombstone of {:?}", entry.key),
+                },
+            },
+        )
+        .into()),
+    }
+}
+
 /// `some/prefix` and `some/prefix/` are the same database; `` is the bucket root.
 pub fn normalize_prefix(prefix: &str) -> String {
     let p = prefix.trim_start_matches('/');
@@ -423,30 +445,8 @@ impl S4db {
         loc: Location,
         local: Option<&LocalDir>,
     ) -> Result<Value> {
-        let name = data_file_name(loc.file_id);
         let bytes = self.read_entry_bytes(loc, local).await?;
-        let entry = decode_entry(&name, loc.offset, &bytes)?;
-        if entry.key != key {
-            return Err(FormatError::new(
-                &name,
-                loc.offset,
-                Corruption::WrongKey {
-                    expected: key.to_string(),
-                    found: entry.key,
-                },
-            )
-            .into());
-        }
-        entry.value.ok_or_else(|| {
-            Error::Corrupt(FormatError::new(
-                &name,
-                loc.offset,
-                Corruption::WrongKey {
-                    expected: format!("a value for {key:?}"),
-                    found: "a tombstone".into(),
-                },
-            ))
-        })
+        decode_live(key, loc, &bytes)
     }
 
     /// The raw entry bytes: a local `pread` when the file is here and long
