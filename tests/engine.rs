@@ -402,6 +402,50 @@ async fn store_failures_keep_every_write_for_the_next_upload() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fenced_uploads_are_conditional_and_unfenced_ones_are_not() {
+    use s4db::remote::PutCondition;
+    for fenced in [true, false] {
+        let b = Backend::moto().await;
+        let faulty = Arc::new(FaultStore::new(b.store.clone()));
+        let opts = OpenOptions {
+            fenced,
+            ..OpenOptions::default()
+        };
+        let db = S4db::open(faulty.clone(), "p", opts).await.unwrap();
+        db.put([("a", text("1"))]).unwrap();
+        db.upload().await.unwrap();
+        let first_etag = db.stats().index_etag.unwrap();
+        db.put([("b", text("2"))]).unwrap();
+        db.upload().await.unwrap();
+        let kinds: Vec<(bool, PutCondition)> = faulty
+            .put_conditions()
+            .into_iter()
+            .map(|(key, c)| (key.ends_with("index.idx"), c))
+            .collect();
+        let expected = if fenced {
+            vec![
+                (false, PutCondition::IfAbsent),
+                (true, PutCondition::IfAbsent),
+                (false, PutCondition::IfAbsent),
+                (true, PutCondition::IfMatch(first_etag)),
+            ]
+        } else {
+            vec![
+                (false, PutCondition::None),
+                (true, PutCondition::None),
+                (false, PutCondition::None),
+                (true, PutCondition::None),
+            ]
+        };
+        assert_eq!(kinds, expected, "fenced: {fenced}");
+        assert_eq!(
+            b.open("p", OpenOptions::default()).await.keys(),
+            vec!["a", "b"]
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_reads_overlap_and_do_not_block_writers() {
     let b = Backend::moto().await;
     let seed = b.open("p", OpenOptions::default()).await;
@@ -558,6 +602,13 @@ async fn a_corrupt_or_lost_index_is_rebuilt_from_the_store() {
         db.upload().await.unwrap();
         let fresh = b.open("p", OpenOptions::default()).await;
         assert_eq!(fresh.keys(), vec!["b", "c"], "{}", b.name);
+
+        // A rebuild from an incomplete local mirror is refused, not committed.
+        let empty = tempfile::tempdir().unwrap();
+        let partial = b.open("p", with_dir(empty.path())).await;
+        let err = partial.rebuild_index(false).await.unwrap_err();
+        assert!(err.to_string().contains("--from-s3"), "{err}");
+        assert!(!partial.has_unsynced_writes());
 
         // Lost entirely: the same from the data files alone.
         b.store.delete(key).await.unwrap();

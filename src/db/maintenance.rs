@@ -357,6 +357,23 @@ impl S4db {
         }
         let local = self.local_dir()?;
         let files = replay_order(&local, &listed)?;
+        // Replaying a partial mirror would commit an index that forgets the
+        // keys of the missing files (and gc would then delete those files).
+        let here: HashSet<u64> = files.iter().map(|(id, _)| *id).collect();
+        let missing: Vec<String> = listed
+            .keys()
+            .filter(|id| !here.contains(id))
+            .map(|id| data_file_name(*id))
+            .collect();
+        if !missing.is_empty() {
+            return Err(Error::Usage(format!(
+                "{} data files in the store are not in the local directory {} (e.g. {}); \
+                 rebuild from the store (--from-s3) or download them first",
+                missing.len(),
+                local.path().display(),
+                missing[0]
+            )));
+        }
         if let Some(p) = self.progress() {
             p.start("replaying data files", files.len() as u64, "files");
         }

@@ -45,6 +45,7 @@ pub struct FaultStore {
     inner: Arc<dyn ObjectStore>,
     rules: Mutex<Vec<Rule>>,
     calls: Mutex<Vec<(Op, String)>>,
+    put_conditions: Mutex<Vec<(String, PutCondition)>>,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
 }
@@ -64,6 +65,7 @@ impl FaultStore {
             inner,
             rules: Mutex::new(Vec::new()),
             calls: Mutex::new(Vec::new()),
+            put_conditions: Mutex::new(Vec::new()),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
         }
@@ -88,6 +90,11 @@ impl FaultStore {
     /// Every call made so far, in order, as `(op, key)`.
     pub fn calls(&self) -> Vec<(Op, String)> {
         self.calls.lock().unwrap().clone()
+    }
+
+    /// The precondition of every PUT so far, with its key.
+    pub fn put_conditions(&self) -> Vec<(String, PutCondition)> {
+        self.put_conditions.lock().unwrap().clone()
     }
 
     /// How many calls of `op` were made.
@@ -121,6 +128,13 @@ impl FaultStore {
             return Some(rule.fault.clone());
         }
         None
+    }
+
+    fn record_condition(&self, key: &str, condition: &PutCondition) {
+        self.put_conditions
+            .lock()
+            .unwrap()
+            .push((key.to_string(), condition.clone()));
     }
 
     async fn before(&self, op: Op, key: &str) -> StoreResult<InFlight<'_>> {
@@ -159,6 +173,7 @@ impl ObjectStore for FaultStore {
 
     async fn put(&self, key: &str, data: Bytes, condition: PutCondition) -> StoreResult<String> {
         let _call = self.before(Op::Put, key).await?;
+        self.record_condition(key, &condition);
         self.inner.put(key, data, condition).await
     }
 
@@ -169,6 +184,7 @@ impl ObjectStore for FaultStore {
         condition: PutCondition,
     ) -> StoreResult<String> {
         let _call = self.before(Op::Put, key).await?;
+        self.record_condition(key, &condition);
         self.inner.put_file(key, path, condition).await
     }
 
