@@ -345,13 +345,8 @@ async fn racing_uploads_lose_no_update() {
 async fn writes_during_an_upload_are_not_published_by_it() {
     let b = Backend::local();
     let faulty = Arc::new(FaultStore::new(b.store.clone()));
-    faulty.inject(
-        Op::Put,
-        "index.idx",
-        0,
-        1,
-        Fault::Delay(Duration::from_millis(300)),
-    );
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    faulty.inject(Op::Put, "index.idx", 0, 1, Fault::Gate(gate.clone()));
     let db = S4db::open(faulty.clone(), "p", OpenOptions::default())
         .await
         .unwrap();
@@ -361,10 +356,14 @@ async fn writes_during_an_upload_are_not_published_by_it() {
         let db = db.clone();
         async move { db.upload().await }
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Wait until the index PUT is in flight (held at the gate), then write.
+    while faulty.in_flight() < 1 {
+        tokio::task::yield_now().await;
+    }
     db.put([("during", text("2")), ("changed", text("new"))])
         .unwrap();
     db.delete(["before"]).unwrap();
+    gate.add_permits(1);
     uploading.await.unwrap().unwrap();
 
     let remote = b.open("p", OpenOptions::default()).await;
@@ -454,13 +453,8 @@ async fn remote_reads_overlap_and_do_not_block_writers() {
     seed.upload().await.unwrap();
 
     let faulty = Arc::new(FaultStore::new(b.store.clone()));
-    faulty.inject(
-        Op::GetRange,
-        "",
-        0,
-        100,
-        Fault::Delay(Duration::from_millis(200)),
-    );
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    faulty.inject(Op::GetRange, "", 0, 100, Fault::Gate(gate.clone()));
     let db = S4db::open(faulty.clone(), "p", OpenOptions::default())
         .await
         .unwrap();
@@ -469,20 +463,18 @@ async fn remote_reads_overlap_and_do_not_block_writers() {
         let db = db.clone();
         async move { db.get_many(&keys).await }
     });
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    // A put while 16 slow reads are in flight: it must not wait for them.
+    // All 16 range GETs are in flight at once, held at the gate...
+    while faulty.in_flight() < 16 {
+        tokio::task::yield_now().await;
+    }
+    // ...and a put and a local read still go through.
     db.put([("written", text("during reads"))]).unwrap();
-    assert!(
-        !reading.is_finished(),
-        "the put returned while reads were still in flight"
-    );
+    assert_eq!(get(&db, "written").await, Some(text("during reads")));
+    assert!(!reading.is_finished());
+    gate.add_permits(16);
     let values = reading.await.unwrap().unwrap();
     assert_eq!(values[3], Some(text("v3")));
-    assert!(
-        faulty.max_in_flight() >= 8,
-        "only {} reads overlapped",
-        faulty.max_in_flight()
-    );
+    assert_eq!(faulty.max_in_flight(), 16);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,6 +29,9 @@ pub enum Fault {
     Conflict,
     /// Sleep, then perform the call.
     Delay(Duration),
+    /// Wait for a permit of this semaphore, then perform the call: a test
+    /// holds calls in flight for as long as it needs, with no timing involved.
+    Gate(Arc<tokio::sync::Semaphore>),
 }
 
 #[derive(Debug)]
@@ -107,6 +110,11 @@ impl FaultStore {
             .count()
     }
 
+    /// Calls in flight right now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
     /// The most calls that were ever in flight at once: proves that reads overlap.
     pub fn max_in_flight(&self) -> usize {
         self.max_in_flight.load(Ordering::SeqCst)
@@ -145,6 +153,13 @@ impl FaultStore {
             None => Ok(guard),
             Some(Fault::Delay(d)) => {
                 tokio::time::sleep(d).await;
+                Ok(guard)
+            }
+            Some(Fault::Gate(gate)) => {
+                let _permit = gate
+                    .acquire()
+                    .await
+                    .map_err(|e| StoreError::io("gate of", key, e))?;
                 Ok(guard)
             }
             Some(Fault::Conflict) => Err(StoreError::Conflict {
