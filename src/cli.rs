@@ -338,13 +338,14 @@ fn import(db: &S4db, batch: usize) -> Result<u64> {
     }
     let mut items = Vec::with_capacity(batch);
     let mut count = 0u64;
-    for (i, line) in std::io::stdin().lock().lines().enumerate() {
+    // Bytes, not `lines()`: a line that is not UTF-8 must be reported with its number.
+    for (i, line) in std::io::stdin().lock().split(b'\n').enumerate() {
         let line = line.map_err(|e| Error::io("read", "stdin", e))?;
-        if line.trim().is_empty() {
+        if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
         let bad = |why: String| Error::Usage(format!("stdin line {}: {why}", i + 1));
-        let parsed: ImportLine = serde_json::from_str(&line).map_err(|e| bad(e.to_string()))?;
+        let parsed: ImportLine = serde_json::from_slice(&line).map_err(|e| bad(e.to_string()))?;
         let value = match (parsed.value, parsed.value_base64) {
             (Some(text), None) => Value::Text(text),
             (None, Some(b64)) => Value::Binary(
