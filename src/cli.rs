@@ -154,6 +154,11 @@ pub async fn run(cli: Cli) -> Result<Outcome> {
                 .into(),
         ));
     }
+    if matches!(cli.command, Command::Download { .. }) && g.local_dir.is_none() {
+        return Err(Error::Usage(
+            "download needs --local-dir (where to put the files)".into(),
+        ));
+    }
     let db_spec = match &cli.command {
         Command::Get { db, .. }
         | Command::Put { db, .. }
@@ -248,7 +253,15 @@ pub async fn run(cli: Cli) -> Result<Outcome> {
             w.flush().map_err(out)?;
         }
         Command::Import { batch, .. } => {
-            let n = import(&db, batch.max(1))?;
+            let n = match import(&db, batch.max(1)) {
+                Ok(n) => n,
+                Err(e) => {
+                    // All or nothing: batches written before the bad line must
+                    // not be published by a later command on this --local-dir.
+                    db.discard_own_unsynced().await?;
+                    return Err(e);
+                }
+            };
             eprintln!("s4db: imported {n} keys");
             finish_writes(&db, upload).await?;
         }
@@ -274,14 +287,7 @@ pub async fn run(cli: Cli) -> Result<Outcome> {
             let report = db.upload().await?;
             print_json(&mut stdout, &report)?;
         }
-        Command::Download { force, .. } => {
-            if g.local_dir.is_none() {
-                return Err(Error::Usage(
-                    "download needs --local-dir (where to put the files)".into(),
-                ));
-            }
-            db.download(force).await?;
-        }
+        Command::Download { force, .. } => db.download(force).await?,
         Command::Compact { .. } => {
             db.upload().await?;
             let report = db.compact().await?;

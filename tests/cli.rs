@@ -99,14 +99,11 @@ fn exec(mut cmd: Command, args: &[&str], stdin: &[u8]) -> Run {
 }
 
 /// The binary with the test AWS environment pointed at moto (and S3, not the local store).
-///
-/// The AWS config and credentials files are an existing empty file: the harness's
-/// nonexistent path makes the SDK log a warning on stderr in every run.
+/// The harness points the AWS config files at a path that does not exist, which
+/// the SDK warns about: stderr must stay clean of such warnings.
 fn cli(moto: &Moto) -> Command {
     let mut cmd = common::s4db_cli(moto);
-    cmd.env_remove("S4DB_LOCAL_STORE")
-        .env("AWS_CONFIG_FILE", "/dev/null")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null");
+    cmd.env_remove("S4DB_LOCAL_STORE");
     cmd
 }
 
@@ -607,6 +604,59 @@ fn import_of_a_bad_line_exits_2_naming_the_line_and_uploads_nothing() {
         assert!(line.contains("line 4"), "{bad}: {run:?}");
         assert_eq!(py_files(moto, &bucket, "p/"), Vec::<String>::new(), "{bad}");
     }
+}
+
+#[test]
+fn a_failed_import_leaves_nothing_in_the_local_dir_for_a_later_upload() {
+    let moto = Moto::shared();
+    let bucket = moto.unique_bucket();
+    let db = format!("{bucket}/p");
+    let dir = tempdir();
+    let input = "{\"key\": \"a\", \"value\": \"1\"}\n{\"key\": \"b\", \"value\": \"2\"}\nbad\n";
+    let run = s4db(
+        moto,
+        &[
+            "import",
+            &db,
+            "--batch",
+            "1",
+            "--local-dir",
+            path(dir.path()),
+        ],
+        input.as_bytes(),
+    );
+    assert!(run.error_line().contains("line 3"), "{run:?}");
+    s4db(
+        moto,
+        &["put", &db, "c", "3", "--local-dir", path(dir.path())],
+        b"",
+    )
+    .ok();
+    assert_eq!(py_keys(moto, &bucket, "p/"), vec!["c"]);
+}
+
+#[test]
+fn a_reader_that_goes_away_is_not_an_error() {
+    let moto = Moto::shared();
+    let bucket = moto.unique_bucket();
+    let db = format!("{bucket}/p");
+    let lines: Vec<Json> = (0..5000)
+        .map(|i| serde_json::json!({"key": format!("key-{i:05}"), "value": "v"}))
+        .collect();
+    s4db(moto, &["import", &db], &jsonl(&lines)).ok();
+    let mut cmd = cli(moto);
+    cmd.args(["keys", &db, "--force-path-style"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    drop(child.stdout.take()); // like `| head -0`
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

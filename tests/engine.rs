@@ -210,6 +210,33 @@ async fn unsynced_writes_survive_the_process_and_publish_on_next_upload() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discarding_own_writes_keeps_what_earlier_processes_left() {
+    let b = Backend::local();
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = b.open("p", with_dir(dir.path())).await;
+        db.put([("a", text("from before")), ("c", text("committed"))])
+            .unwrap();
+        db.upload().await.unwrap();
+        db.put([("a", text("left unsynced"))]).unwrap();
+    }
+    let db = b.open("p", with_dir(dir.path())).await;
+    db.put([("a", text("mine")), ("b", text("mine too"))])
+        .unwrap();
+    db.delete(["c"]).unwrap();
+    db.discard_own_unsynced().await.unwrap();
+    assert_eq!(db.keys(), vec!["a", "c"]);
+    assert_eq!(get(&db, "a").await, Some(text("left unsynced")));
+    drop(db);
+    let db = b.open("p", with_dir(dir.path())).await;
+    assert_eq!(get(&db, "a").await, Some(text("left unsynced")));
+    db.upload().await.unwrap();
+    let fresh = b.open("p", OpenOptions::default()).await;
+    assert_eq!(fresh.keys(), vec!["a", "c"]);
+    assert_eq!(get(&fresh, "a").await, Some(text("left unsynced")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_torn_tail_is_cut_off_cleanly() {
     let b = Backend::local();
     let dir = tempfile::tempdir().unwrap();

@@ -581,6 +581,38 @@ impl S4db {
         local.sync_dir()
     }
 
+    /// Throws away the data files this instance wrote and has not uploaded
+    /// (writes replayed from an earlier process are kept), so a failed batch
+    /// job leaves nothing behind for a later upload to publish. The in-memory
+    /// view is reloaded from the store.
+    pub async fn discard_own_unsynced(&self) -> Result<()> {
+        let _serial = self.inner.maintenance.lock().await;
+        let (index, etag) = self.fetch_index().await?;
+        let mut state = self.state();
+        let Some(local) = state.local.clone() else {
+            return Ok(());
+        };
+        let mine: Vec<u64> = state
+            .unpublished_files()
+            .into_iter()
+            .filter(|id| crate::format::split_file_id(*id).0 == self.inner.writer_id)
+            .collect();
+        state.active = None;
+        for id in &mine {
+            state.files.remove(id);
+            local.remove(*id)?;
+        }
+        // Start over from the store and replay what earlier processes left.
+        state.journal.clear();
+        state.inflight.clear();
+        state.index = index;
+        state.index_etag = etag;
+        let pending = state.unpublished_files();
+        drop(state);
+        local.set_pending(&pending)?;
+        recovery::replay_pending(self, &local)
+    }
+
     /// Whether there are writes that are not committed to the store.
     pub fn has_unsynced_writes(&self) -> bool {
         self.state().has_unsynced()
