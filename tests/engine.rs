@@ -306,6 +306,54 @@ async fn an_upload_sends_only_what_was_written_since_the_last() {
     }
 }
 
+/// Sizes and modification times of every file in `dir`.
+fn dir_snapshot(dir: &std::path::Path) -> BTreeMap<String, (u64, std::time::SystemTime)> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let m = e.metadata().unwrap();
+            (
+                e.file_name().into_string().unwrap(),
+                (m.len(), m.modified().unwrap()),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_writes_its_entries_and_nothing_else() {
+    let b = Backend::local();
+    let dir = tempfile::tempdir().unwrap();
+    let db = b.open("p", with_dir(dir.path())).await;
+    db.put((0..20_000).map(|i| (format!("key{i:06}"), text("some value"))))
+        .unwrap();
+    db.upload().await.unwrap();
+    db.put([("first", text("after upload"))]).unwrap();
+    std::thread::sleep(Duration::from_millis(20)); // let mtimes tell writes apart
+    let before = dir_snapshot(dir.path());
+    db.put([("key000042", text("changed")), ("new", text("added"))])
+        .unwrap();
+    let after = dir_snapshot(dir.path());
+    // Only the active data file changed, and by exactly the two entries.
+    let active = data_file_name(db.location("new").unwrap().file_id);
+    let mut expected_growth = Vec::new();
+    s4db::format::encode_entry(&mut expected_growth, "key000042", Some(&text("changed")));
+    s4db::format::encode_entry(&mut expected_growth, "new", Some(&text("added")));
+    for (name, (len, mtime)) in &after {
+        if *name == active {
+            assert_eq!(*len, before[name].0 + expected_growth.len() as u64);
+        } else {
+            assert_eq!(
+                Some(&(*len, *mtime)),
+                before.get(name),
+                "{name} was rewritten by a put"
+            );
+        }
+    }
+    assert_eq!(after.len(), before.len());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_roll_at_the_soft_size_limit() {
     let b = Backend::local();
