@@ -33,6 +33,8 @@ apt_install() {
 }
 
 command -v fusermount3 >/dev/null || apt_install fuse3
+# script(1) gives the progress-bar test a terminal.
+command -v script >/dev/null || apt_install bsdutils
 command -v python3 >/dev/null || apt_install python3 python3-venv
 # Debian's own python3 needs python3-venv for `python3 -m venv`.
 python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv

@@ -405,9 +405,9 @@ impl Progress for TerminalProgress {
             indicatif::ProgressBar::new(total)
         };
         let template = if total == 0 {
-            format!("{{spinner}} {what}: {{pos}} {unit} ({{per_sec}})")
+            format!("{{spinner}} {what}: {{human_pos}} {unit} ({{elapsed}})")
         } else {
-            format!("{what} [{{bar:30}}] {{pos}}/{{len}} {unit} ({{eta}})")
+            format!("{what} [{{bar:30}}] {{human_pos}}/{{human_len}} {unit} (eta {{eta}})")
         };
         if let Ok(style) = indicatif::ProgressStyle::with_template(&template) {
             bar.set_style(style);

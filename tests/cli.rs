@@ -1104,3 +1104,31 @@ fn keys_and_values_starting_with_a_dash_follow_double_dash() {
     run(&["put", "b", "--", "-key", "-5"]).ok_quiet();
     assert_eq!(run(&["get", "b", "--", "-key"]).ok_quiet().stdout, b"-5");
 }
+
+#[test]
+fn long_operations_show_progress_on_a_terminal() {
+    // `script` runs the command on a pseudo-terminal, as a user's shell would.
+    let root = tempdir();
+    let input = root.path().join("in.jsonl");
+    let lines: Vec<Json> = (0..5000)
+        .map(|i| serde_json::json!({"key": format!("k{i}"), "value": "v"}))
+        .collect();
+    std::fs::write(&input, jsonl(&lines)).unwrap();
+    let command = format!(
+        "{} --local-store {} import demo/p --batch 100 < {}",
+        env!("CARGO_BIN_EXE_s4db"),
+        path(root.path()),
+        path(&input)
+    );
+    let out = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .output()
+        .expect("script(1) from util-linux runs the command on a terminal");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{shown}");
+    assert!(
+        shown.contains("importing: "),
+        "no progress on a terminal: {shown}"
+    );
+    assert!(shown.contains("imported 5000 keys"), "{shown}");
+}
