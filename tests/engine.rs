@@ -728,6 +728,31 @@ async fn compaction_keeps_live_values_and_drops_dead_files() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_follow_another_writers_compaction() {
+    for b in Backend::all().await {
+        let writer = b.open("p", OpenOptions::default()).await;
+        writer.put([("a", text("1")), ("b", text("2"))]).unwrap();
+        writer.upload().await.unwrap();
+        writer.put([("a", text("1b"))]).unwrap();
+        writer.upload().await.unwrap();
+
+        let reader = b.open("p", OpenOptions::default()).await;
+        reader.put([("mine", text("unsynced"))]).unwrap();
+        writer.compact().await.unwrap();
+        // The reader's index points at deleted files: it refreshes and reads on.
+        assert_eq!(get(&reader, "b").await, Some(text("2")), "{}", b.name);
+        assert_eq!(get(&reader, "a").await, Some(text("1b")));
+        assert_eq!(get(&reader, "mine").await, Some(text("unsynced")));
+        assert!(!reader.refresh().await.unwrap(), "already current");
+        reader.upload().await.unwrap();
+        assert_eq!(
+            b.open("p", OpenOptions::default()).await.keys(),
+            vec!["a", "b", "mine"]
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compaction_that_loses_the_race_changes_nothing() {
     let b = Backend::local();
     let db = b.open("p", OpenOptions::default()).await;

@@ -424,8 +424,13 @@ impl S4db {
         };
         match self.read_value(key, loc, local.as_deref()).await {
             Ok(v) => Ok(Some(v)),
-            // Compaction may have moved the key between lookup and read: look again once.
             Err(first) => {
+                // Another writer's compaction may have deleted the data file:
+                // pick up its index and look again, once.
+                if matches!(first, Error::Store(StoreError::NotFound { .. })) {
+                    self.refresh().await?;
+                }
+                // Our own compaction may have moved the key meanwhile, too.
                 let again = self.state().index.entries.get(key).copied();
                 match again {
                     Some(l) if l != loc => {
@@ -436,6 +441,24 @@ impl S4db {
                 }
             }
         }
+    }
+
+    /// Picks up what other writers committed: GETs the index and, if it
+    /// changed, rebases this instance's uncommitted writes onto it. Returns
+    /// whether anything changed.
+    pub async fn refresh(&self) -> Result<bool> {
+        let (index, etag) = self.fetch_index().await?;
+        let mut state = self.state();
+        if state.index_etag == etag {
+            return Ok(false);
+        }
+        if state.index_rewritten {
+            return Err(Error::Conflict(
+                "the index was rebuilt here and someone committed meanwhile; upload the rebuild or run it again".into(),
+            ));
+        }
+        state.rebase(index, etag);
+        Ok(true)
     }
 
     /// Reads and decodes the entry at `loc`, checking that it holds `key`.
