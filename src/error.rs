@@ -19,6 +19,10 @@ pub enum Error {
     #[error("invalid key {key:?}: {reason}")]
     InvalidKey { key: String, reason: String },
 
+    /// A value too large for the format's 32-bit lengths.
+    #[error("value of key {key:?} is {len} bytes; an entry must stay under 4 GiB")]
+    ValueTooLarge { key: String, len: u64 },
+
     /// Another writer committed in a way this operation cannot merge.
     #[error("conflict: {0}")]
     Conflict(String),

@@ -289,8 +289,16 @@ impl S4db {
         I: IntoIterator<Item = (K, Value)>,
     {
         let items: Vec<(String, Value)> = items.into_iter().map(|(k, v)| (k.into(), v)).collect();
-        for (key, _) in &items {
+        for (key, value) in &items {
             validate_key(key)?;
+            // Stored values are never longer than the raw bytes (FLAG_RAW), so
+            // this bounds the entry, whose length the index keeps in a u32.
+            if value.len() as u64 + key.len() as u64 + 13 > u32::MAX as u64 {
+                return Err(Error::ValueTooLarge {
+                    key: key.chars().take(80).collect(),
+                    len: value.len() as u64,
+                });
+            }
         }
         if items.is_empty() {
             return Ok(());
