@@ -452,6 +452,39 @@ async fn writes_during_an_upload_are_not_published_by_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_made_during_an_upload_survive_a_crash_after_it() {
+    let b = Backend::local();
+    let dir = tempfile::tempdir().unwrap();
+    let faulty = Arc::new(FaultStore::new(b.store.clone()));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    faulty.inject(Op::Put, "index.idx", 0, 1, Fault::Gate(gate.clone()));
+    {
+        let db = S4db::open(faulty.clone(), "p", with_dir(dir.path()))
+            .await
+            .unwrap();
+        db.put([("before", text("1"))]).unwrap();
+        let uploading = tokio::spawn({
+            let db = db.clone();
+            async move { db.upload().await }
+        });
+        while faulty.in_flight() < 1 {
+            tokio::task::yield_now().await;
+        }
+        db.put([("during", text("2"))]).unwrap();
+        gate.add_permits(1);
+        uploading.await.unwrap().unwrap();
+        // dropped: the process dies before the next upload
+    }
+    let db = b.open("p", with_dir(dir.path())).await;
+    assert_eq!(db.keys(), vec!["before", "during"]);
+    db.upload().await.unwrap();
+    assert_eq!(
+        b.open("p", OpenOptions::default()).await.keys(),
+        vec!["before", "during"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_failures_keep_every_write_for_the_next_upload() {
     let b = Backend::local();
     let faulty = Arc::new(FaultStore::new(b.store.clone()));

@@ -68,11 +68,7 @@ impl S4db {
             Ok(report) => {
                 state.inflight.clear();
                 state.index_rewritten = false;
-                let pending = state.unpublished_files();
-                drop(state);
-                if let Some(local) = local {
-                    local.set_pending(&pending)?;
-                }
+                state.save_pending_list()?;
                 Ok(report)
             }
             Err(e) => {

@@ -123,9 +123,10 @@ impl S4db {
         state.index_rewritten = false;
         state.index = index;
         state.index_etag = etag;
+        state.save_pending_list()?;
+        let snapshot = state.index.encode();
         drop(state);
-        local.write_atomic(&local.path().join(INDEX_NAME), &self.state().index.encode())?;
-        local.set_pending(&[])
+        local.write_atomic(&local.path().join(INDEX_NAME), &snapshot)
     }
 
     /// Rewrites the live entries into new files of this writer, dropping

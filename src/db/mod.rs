@@ -227,8 +227,9 @@ impl S4db {
         if let Some(dir) = &db.inner.opts.local_dir {
             if dir.exists() {
                 let local = Arc::new(LocalDir::open(dir)?);
-                db.state().local = Some(local.clone());
-                recovery::replay_pending(&db, &local)?;
+                let mut state = db.state();
+                state.local = Some(local.clone());
+                recovery::replay_pending(&mut state, &local)?;
             }
         }
         Ok(db)
@@ -638,10 +639,8 @@ impl S4db {
         state.inflight.clear();
         state.index = index;
         state.index_etag = etag;
-        let pending = state.unpublished_files();
-        drop(state);
-        local.set_pending(&pending)?;
-        recovery::replay_pending(self, &local)
+        state.save_pending_list()?;
+        recovery::replay_pending(&mut state, &local)
     }
 
     /// Whether there are writes that are not committed to the store.

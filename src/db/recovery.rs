@@ -7,25 +7,18 @@
 //! as this instance's own unsynced writes, so the next upload publishes them.
 
 use super::local_dir::LocalDir;
-use super::state::OwnFile;
-use super::S4db;
+use super::state::{OwnFile, State};
 use crate::error::{Error, Result};
 use crate::format::{data_file_name, scan_entries, Location};
 use std::collections::HashSet;
 
-pub(crate) fn replay_pending(db: &S4db, local: &LocalDir) -> Result<()> {
+/// Runs with the state locked: it only touches local files.
+pub(crate) fn replay_pending(state: &mut State, local: &LocalDir) -> Result<()> {
     let pending = local.pending()?;
     if pending.is_empty() {
         return Ok(());
     }
-    let committed: HashSet<u64> = db
-        .state()
-        .index
-        .entries
-        .values()
-        .map(|l| l.file_id)
-        .collect();
-    let mut still_pending = Vec::new();
+    let committed: HashSet<u64> = state.index.entries.values().map(|l| l.file_id).collect();
     for file_id in pending {
         let path = local.file_path(file_id);
         let name = data_file_name(file_id);
@@ -62,7 +55,6 @@ pub(crate) fn replay_pending(db: &S4db, local: &LocalDir) -> Result<()> {
                 .map_err(|e| Error::io("truncate", &path, e))?;
             local.forget(file_id);
         }
-        let mut state = db.state();
         for entry in &scan.entries {
             let change = (!entry.tombstone).then_some(Location {
                 file_id,
@@ -83,7 +75,6 @@ pub(crate) fn replay_pending(db: &S4db, local: &LocalDir) -> Result<()> {
             scan.entries.len(),
             path.display()
         );
-        still_pending.push(file_id);
     }
-    local.set_pending(&still_pending)
+    state.save_pending_list()
 }

@@ -86,6 +86,16 @@ impl State {
             || self.files.values().any(|f| !f.published)
     }
 
+    /// Rewrites the local pending list to the files not uploaded yet. Called
+    /// with the state locked, so a concurrent put's new file cannot be lost
+    /// from the list between reading the state and writing the file.
+    pub fn save_pending_list(&self) -> crate::error::Result<()> {
+        match &self.local {
+            Some(local) => local.set_pending(&self.unpublished_files()),
+            None => Ok(()),
+        }
+    }
+
     pub fn unpublished_files(&self) -> Vec<u64> {
         self.files
             .iter()
