@@ -387,50 +387,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn put_get_range_and_conditions() {
+    async fn the_store_contract_holds() {
         let (_dir, s) = store();
-        let etag = s
-            .put("p/a", Bytes::from_static(b"hello"), PutCondition::IfAbsent)
-            .await
-            .unwrap();
-        let got = s.get("p/a").await.unwrap();
-        assert_eq!(&got.data[..], b"hello");
-        assert_eq!(got.etag, etag);
-        assert_eq!(&s.get_range("p/a", 1, 3).await.unwrap()[..], b"ell");
-        assert_eq!(&s.get_range("p/a", 3, 10).await.unwrap()[..], b"lo");
-        assert!(matches!(
-            s.put("p/a", Bytes::from_static(b"x"), PutCondition::IfAbsent)
-                .await,
-            Err(StoreError::Conflict { .. })
-        ));
-        assert!(matches!(
-            s.put(
-                "p/a",
-                Bytes::from_static(b"x"),
-                PutCondition::IfMatch("\"stale\"".into())
-            )
-            .await,
-            Err(StoreError::Conflict { .. })
-        ));
-        let e2 = s
-            .put(
-                "p/a",
-                Bytes::from_static(b"world"),
-                PutCondition::IfMatch(etag),
-            )
-            .await
-            .unwrap();
-        assert_eq!(s.head("p/a").await.unwrap().etag, Some(e2));
-        assert!(matches!(
-            s.get("p/missing").await,
-            Err(StoreError::NotFound { .. })
-        ));
-        s.delete("p/a").await.unwrap();
-        s.delete("p/a").await.unwrap();
-        assert!(matches!(
-            s.head("p/a").await,
-            Err(StoreError::NotFound { .. })
-        ));
+        crate::remote::contract::check(&s).await;
+    }
+
+    #[tokio::test]
+    async fn the_store_contract_holds_through_the_fault_wrapper() {
+        let (_dir, s) = store();
+        let faulty = crate::remote::FaultStore::new(std::sync::Arc::new(s));
+        crate::remote::contract::check(&faulty).await;
     }
 
     #[tokio::test]

@@ -5,6 +5,8 @@
 //! is data ("the database is empty"), a conflict means "another writer won,
 //! rebase", anything else is an I/O failure worth reporting with the key.
 
+#[cfg(test)]
+mod contract;
 pub mod fault;
 pub mod local;
 pub mod s3;
