@@ -5,7 +5,7 @@
 mod common;
 
 use base64::Engine as _;
-use common::{Moto, Py};
+use common::{noise, Moto, Py};
 use serde_json::{json, Value as Json};
 use std::io::Write;
 use std::path::Path;
@@ -228,19 +228,6 @@ fn data_files(names: &[String]) -> Vec<&String> {
     names
         .iter()
         .filter(|n| n.starts_with("data_") && n.ends_with(".s4db"))
-        .collect()
-}
-
-/// Deterministic incompressible bytes.
-fn noise(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e3779b97f4a7c15;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
         .collect()
 }
 

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{s3_store, Moto, Py, PyValue};
+use common::{noise, s3_store, Moto, Py, PyValue};
 use s4db::format::{Index, Value};
 use s4db::remote::ObjectStore;
 use s4db::{OpenOptions, S4db, ScanMode};
@@ -13,14 +13,6 @@ use std::sync::Arc;
 
 /// The values both sides write: every flag combination the format has.
 fn corpus() -> BTreeMap<String, Value> {
-    let mut noise = Vec::with_capacity(5000);
-    let mut x: u64 = 0x2545f4914f6cdd1d;
-    for _ in 0..5000 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        noise.push(x as u8);
-    }
     let big: String = (0..3 * 1024 * 1024 / 16)
         .map(|i| format!("{i:015x}\n"))
         .collect();
@@ -28,7 +20,7 @@ fn corpus() -> BTreeMap<String, Value> {
         ("text", Value::Text("hello world".into())),
         ("compressible", Value::Text("abcabc".repeat(500))),
         ("binary", Value::Binary(vec![0, 1, 2, 255, 254, 0])),
-        ("incompressible", Value::Binary(noise)),
+        ("incompressible", Value::Binary(noise(5000))),
         ("empty-text", Value::Text(String::new())),
         ("empty-binary", Value::Binary(Vec::new())),
         (

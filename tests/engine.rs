@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{s3_store, Moto};
+use common::{noise, s3_store, Moto};
 use s4db::format::{data_file_name, Value};
 use s4db::remote::{Fault, FaultStore, LocalStore, ObjectStore, Op};
 use s4db::{Error, OpenOptions, S4db, ScanMode};
@@ -53,19 +53,6 @@ fn with_dir(dir: &std::path::Path) -> OpenOptions {
         local_dir: Some(dir.to_path_buf()),
         ..OpenOptions::default()
     }
-}
-
-/// Bytes Snappy cannot shrink (xorshift noise).
-fn noise(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e3779b97f4a7c15;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 fn text(s: &str) -> Value {

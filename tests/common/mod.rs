@@ -527,3 +527,16 @@ pub async fn s3_store(moto: &Moto, bucket: &str) -> s4db::remote::S3Store {
         .await
         .expect("connect to moto")
 }
+
+/// Deterministic bytes Snappy cannot shrink (xorshift noise).
+pub fn noise(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
