@@ -20,7 +20,10 @@
 //! No timing is asserted anywhere.
 
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
-use s4db::remote::{LocalStore, ObjectStore, S3Config, S3Store};
+use s4db::remote::{
+    GetResult, ListPage, LocalStore, ObjectMeta, ObjectStore, PutCondition, S3Config, S3Store,
+    StoreResult,
+};
 use s4db::{OpenOptions, S4db, Value};
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -42,12 +45,17 @@ fn test_mode() -> bool {
 }
 
 /// Existing keys for the "put cost vs database size" benchmark.
-fn db_sizes() -> [usize; 2] {
+fn db_sizes() -> [usize; 3] {
     if test_mode() {
-        [1_000, 10_000]
+        [1_000, 3_000, 10_000]
     } else {
-        [1_000, 100_000]
+        [1_000, 10_000, 100_000]
     }
+}
+
+/// The simulated round trip of the `get_remote/latency5ms_*` benchmarks.
+fn simulated_latency() -> Duration {
+    Duration::from_millis(if test_mode() { 1 } else { 5 })
 }
 
 /// The "big" upload that precedes the incremental one: keys × value size.
@@ -149,6 +157,51 @@ fn index_size(db: &S4db) -> u64 {
         .block_on(db.store().head(&key))
         .expect("head index")
         .size
+}
+
+/// A store that waits `delay` before every request: a stand-in for a server
+/// that has network latency but serves requests in parallel (as S3 does and
+/// moto, CPU-bound in one Python process, does not).
+#[derive(Debug)]
+struct Delayed {
+    inner: Arc<dyn ObjectStore>,
+    delay: Duration,
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for Delayed {
+    fn describe(&self) -> String {
+        format!("{} (+{:?} per request)", self.inner.describe(), self.delay)
+    }
+    async fn get(&self, key: &str) -> StoreResult<GetResult> {
+        tokio::time::sleep(self.delay).await;
+        self.inner.get(key).await
+    }
+    async fn get_range(&self, key: &str, offset: u64, len: u64) -> StoreResult<bytes::Bytes> {
+        tokio::time::sleep(self.delay).await;
+        self.inner.get_range(key, offset, len).await
+    }
+    async fn put(
+        &self,
+        key: &str,
+        data: bytes::Bytes,
+        condition: PutCondition,
+    ) -> StoreResult<String> {
+        tokio::time::sleep(self.delay).await;
+        self.inner.put(key, data, condition).await
+    }
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        tokio::time::sleep(self.delay).await;
+        self.inner.delete(key).await
+    }
+    async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
+        tokio::time::sleep(self.delay).await;
+        self.inner.head(key).await
+    }
+    async fn list_page(&self, prefix: &str, continuation: Option<String>) -> StoreResult<ListPage> {
+        tokio::time::sleep(self.delay).await;
+        self.inner.list_page(prefix, continuation).await
+    }
 }
 
 // ------------------------------------------------------------------- moto
@@ -353,7 +406,7 @@ fn bench_put(c: &mut Criterion) {
     g.finish();
 }
 
-/// A single put into a committed database of 1k vs 100k keys: must be flat.
+/// A single put into a committed database of 1k, 10k and 100k keys: must be flat.
 fn bench_put_vs_db_size(c: &mut Criterion) {
     let mut g = c.benchmark_group("put_vs_db_size");
     g.throughput(Throughput::Elements(1));
@@ -436,7 +489,69 @@ fn bench_get_remote_local(c: &mut Criterion) {
             async move { db.get(&k).await.expect("get").expect("present") }
         })
     });
+
+    // The same reads behind a simulated round trip: sequential gets pay it 64
+    // times, get_many (16 in flight) about 64 / 16 times.
+    g.sample_size(10);
+    g.warm_up_time(Duration::from_millis(500));
+    g.throughput(Throughput::Elements(MANY as u64));
+    let ms = simulated_latency().as_millis();
+    let delayed: OnceLock<(LocalBucket, S4db)> = OnceLock::new();
+    let reader = || -> &S4db {
+        &delayed
+            .get_or_init(|| {
+                let bucket = local_bucket();
+                let store: Arc<dyn ObjectStore> = Arc::new(Delayed {
+                    inner: bucket.store.clone(),
+                    delay: simulated_latency(),
+                });
+                let db = remote_reader(&store, 1000, 100);
+                (bucket, db)
+            })
+            .1
+    };
+    let batches = key_batches();
+    g.bench_function(format!("latency{ms}ms_get_{MANY}_sequential"), |b| {
+        get_sequential(b, reader(), &batches)
+    });
+    g.bench_function(format!("latency{ms}ms_get_many_{MANY}"), |b| {
+        get_many(b, reader(), &batches)
+    });
     g.finish();
+}
+
+/// Keys 0..1000 in batches of `MANY`.
+fn key_batches() -> Vec<Vec<String>> {
+    (0..1000 / MANY)
+        .map(|j| (j * MANY..(j + 1) * MANY).map(key).collect())
+        .collect()
+}
+
+/// One iteration: the keys of one batch, one `get` after the other.
+fn get_sequential(b: &mut criterion::Bencher, db: &S4db, batches: &[Vec<String>]) {
+    let mut j = 0usize;
+    b.to_async(runtime()).iter(|| {
+        j = (j + 1) % batches.len();
+        let keys = &batches[j];
+        async move {
+            for k in keys {
+                db.get(k).await.expect("get").expect("present");
+            }
+        }
+    })
+}
+
+/// One iteration: the keys of one batch in one `get_many`.
+fn get_many(b: &mut criterion::Bencher, db: &S4db, batches: &[Vec<String>]) {
+    let mut j = 0usize;
+    b.to_async(runtime()).iter(|| {
+        j = (j + 1) % batches.len();
+        let keys = &batches[j];
+        async move {
+            let values = db.get_many(keys).await.expect("get_many");
+            assert!(values.iter().all(Option::is_some));
+        }
+    })
 }
 
 /// What the incremental benchmark keeps between samples.
@@ -554,33 +669,12 @@ fn bench_moto_get(c: &mut Criterion) {
     });
 
     g.throughput(Throughput::Elements(MANY as u64));
-    let batches: Vec<Vec<String>> = (0..1000 / MANY)
-        .map(|j| (j * MANY..(j + 1) * MANY).map(key).collect())
-        .collect();
+    let batches = key_batches();
     g.bench_function(format!("get_{MANY}_sequential"), |b| {
-        let db = reader();
-        let mut j = 0usize;
-        b.to_async(runtime()).iter(|| {
-            j = (j + 1) % batches.len();
-            let keys = &batches[j];
-            async move {
-                for k in keys {
-                    db.get(k).await.expect("get").expect("present");
-                }
-            }
-        })
+        get_sequential(b, reader(), &batches)
     });
     g.bench_function(format!("get_many_{MANY}"), |b| {
-        let db = reader();
-        let mut j = 0usize;
-        b.to_async(runtime()).iter(|| {
-            j = (j + 1) % batches.len();
-            let keys = &batches[j];
-            async move {
-                let values = db.get_many(keys).await.expect("get_many");
-                assert!(values.iter().all(Option::is_some));
-            }
-        })
+        get_many(b, reader(), &batches)
     });
     g.finish();
 }
