@@ -35,6 +35,8 @@ pub enum Corruption {
     TombstoneWithValue(u32),
     #[error("key is {0} bytes, more than the 65535 the format allows")]
     KeyTooLong(u64),
+    #[error("entry of {0} bytes does not fit the format's 32-bit length")]
+    EntryTooLong(u64),
     #[error("key is not valid UTF-8")]
     KeyNotUtf8,
     #[error("text value is not valid UTF-8")]
@@ -328,43 +330,19 @@ pub fn scan_entries(file: &str, data: &[u8]) -> Result<Scan, FormatError> {
     let mut stopped = None;
     while (pos as usize) < data.len() {
         let rest = &data[pos as usize..];
-        let total = match entry_frame(rest) {
-            Some((_, key_len, _, total)) if key_len as usize <= MAX_KEY_BYTES => total,
-            Some((_, key_len, _, _)) => {
-                stopped = Some(FormatError::new(
-                    file,
-                    pos,
-                    Corruption::KeyTooLong(key_len as u64),
-                ));
-                break;
-            }
-            None => {
-                stopped = Some(FormatError::new(
-                    file,
-                    pos,
-                    Corruption::Truncated {
-                        need: ENTRY_OVERHEAD,
-                        have: rest.len() as u64,
-                    },
-                ));
-                break;
-            }
+        // The entry as its lengths frame it, cut at the end of the file:
+        // decode_entry then reports a torn tail as truncation.
+        let take = entry_frame(rest).map_or(rest.len() as u64, |(.., total)| {
+            total.min(rest.len() as u64)
+        });
+        let decoded = match u32::try_from(take) {
+            Ok(length) => decode_entry(file, pos, &rest[..take as usize]).map(|e| (e, length)),
+            Err(_) => Err(FormatError::new(file, pos, Corruption::EntryTooLong(take))),
         };
-        if total > rest.len() as u64 || total > u32::MAX as u64 {
-            stopped = Some(FormatError::new(
-                file,
-                pos,
-                Corruption::Truncated {
-                    need: total,
-                    have: rest.len() as u64,
-                },
-            ));
-            break;
-        }
-        match decode_entry(file, pos, &rest[..total as usize]) {
-            Ok(entry) => entries.push(ScannedEntry {
+        match decoded {
+            Ok((entry, length)) => entries.push(ScannedEntry {
                 offset: pos,
-                length: total as u32,
+                length,
                 key: entry.key,
                 tombstone: entry.value.is_none(),
             }),
@@ -373,7 +351,7 @@ pub fn scan_entries(file: &str, data: &[u8]) -> Result<Scan, FormatError> {
                 break;
             }
         }
-        pos += total;
+        pos += take;
     }
     Ok(Scan {
         entries,
