@@ -77,3 +77,7 @@ fi
 export RUST_TEST_THREADS="${RUST_TEST_THREADS:-2}"
 cargo build --all-targets
 cargo test --all-targets "$@"
+# --all-targets leaves out the documentation examples; run them too.
+if [[ $# -eq 0 ]]; then
+  cargo test --doc
+fi

@@ -343,11 +343,15 @@ impl S4db {
     /// Rebuilds the index by replaying data files (later entries win,
     /// tombstones delete), verifying every CRC; replay of a file stops at a
     /// torn or corrupt entry. Files replay writer by writer, each writer's in
-    /// sequence order, writers in the order they first uploaded (see
-    /// [`replay_order`]). With `from_s3`, first downloads every
+    /// sequence order, writers in the order they first uploaded (S3's
+    /// LastModified, to the second). With `from_s3`, first downloads every
     /// data file listed under the prefix, so a lost index is recoverable. The
     /// next upload commits the rebuilt index and publishes any local file the
     /// store does not have.
+    ///
+    /// # Errors
+    /// [`Error::Usage`] when the store holds data files the local directory
+    /// lacks and `from_s3` is off: the rebuilt index would forget their keys.
     pub async fn rebuild_index(&self, from_s3: bool) -> Result<RebuildReport> {
         let _serial = self.inner.maintenance.lock().await;
         let listed: HashMap<u64, ObjectMeta> =
