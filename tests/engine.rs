@@ -173,6 +173,12 @@ async fn unsynced_writes_survive_the_process_and_publish_on_next_upload() {
                 .unwrap();
             db.delete(["committed"]).unwrap();
             db.put([("later", Value::Binary(vec![1, 2, 3]))]).unwrap();
+            // flush makes it durable against power loss and snapshots the index.
+            db.flush().unwrap();
+            let snapshot = std::fs::read(dir.path().join("index.idx")).unwrap();
+            let snapshot = s4db::format::Index::decode("index.idx", &snapshot).unwrap();
+            let keys: Vec<&String> = snapshot.entries.keys().collect();
+            assert_eq!(keys, ["later", "unsynced"]);
             // dropped without upload: like a process that died
         }
         let remote_view = b.open("p", OpenOptions::default()).await;
