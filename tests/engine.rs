@@ -478,6 +478,39 @@ async fn writes_made_during_an_upload_survive_a_crash_after_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_whose_replies_were_lost_are_retried_safely() {
+    for b in Backend::all().await {
+        let faulty = Arc::new(FaultStore::new(b.store.clone()));
+        let db = S4db::open(faulty.clone(), "p", OpenOptions::default())
+            .await
+            .unwrap();
+        db.put([("a", text("1"))]).unwrap();
+        // The data file lands but the reply is lost: the retry finds the same
+        // bytes under our own name and carries on.
+        faulty.inject(Op::Put, ".s4db", 0, 1, Fault::LostReply("timed out".into()));
+        assert!(db.upload().await.is_err());
+        // The index commit lands but the reply is lost: the retry's
+        // compare-and-swap fails against our own commit and rebases onto it.
+        db.put([("b", text("2"))]).unwrap();
+        faulty.inject(
+            Op::Put,
+            "index.idx",
+            0,
+            1,
+            Fault::LostReply("timed out".into()),
+        );
+        assert!(db.upload().await.is_err());
+        db.put([("c", text("3"))]).unwrap();
+        let report = db.upload().await.unwrap();
+        assert!(report.committed, "{}: {report:?}", b.name);
+        assert!(!db.has_unsynced_writes());
+        let fresh = b.open("p", OpenOptions::default()).await;
+        assert_eq!(fresh.keys(), vec!["a", "b", "c"], "{}", b.name);
+        assert_eq!(get(&fresh, "b").await, Some(text("2")));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_failures_keep_every_write_for_the_next_upload() {
     let b = Backend::local();
     let faulty = Arc::new(FaultStore::new(b.store.clone()));

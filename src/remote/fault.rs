@@ -32,6 +32,9 @@ pub enum Fault {
     /// Wait for a permit of this semaphore, then perform the call: a test
     /// holds calls in flight for as long as it needs, with no timing involved.
     Gate(Arc<tokio::sync::Semaphore>),
+    /// Perform the call, then fail with this message as if the reply was lost
+    /// (a timeout after the server acted): the ambiguous case.
+    LostReply(String),
 }
 
 #[derive(Debug)]
@@ -53,12 +56,25 @@ pub struct FaultStore {
     max_in_flight: AtomicUsize,
 }
 
-/// Counts a call as in flight until dropped.
-struct InFlight<'a>(&'a FaultStore);
+/// Counts a call as in flight until dropped; carries a lost-reply fault.
+struct InFlight<'a> {
+    store: &'a FaultStore,
+    lost_reply: Option<String>,
+}
+
+impl InFlight<'_> {
+    /// The inner call's result, unless its reply is to be lost.
+    fn finish<T>(self, key: &str, result: StoreResult<T>) -> StoreResult<T> {
+        match (&self.lost_reply, result) {
+            (Some(message), Ok(_)) => Err(StoreError::io("injected lost reply of", key, message)),
+            (_, result) => result,
+        }
+    }
+}
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.store.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -148,9 +164,16 @@ impl FaultStore {
     async fn before(&self, op: Op, key: &str) -> StoreResult<InFlight<'_>> {
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_in_flight.fetch_max(now, Ordering::SeqCst);
-        let guard = InFlight(self);
+        let mut guard = InFlight {
+            store: self,
+            lost_reply: None,
+        };
         match self.check(op, key) {
             None => Ok(guard),
+            Some(Fault::LostReply(message)) => {
+                guard.lost_reply = Some(message);
+                Ok(guard)
+            }
             Some(Fault::Delay(d)) => {
                 tokio::time::sleep(d).await;
                 Ok(guard)
@@ -177,19 +200,19 @@ impl ObjectStore for FaultStore {
     }
 
     async fn get(&self, key: &str) -> StoreResult<GetResult> {
-        let _call = self.before(Op::Get, key).await?;
-        self.inner.get(key).await
+        let call = self.before(Op::Get, key).await?;
+        call.finish(key, self.inner.get(key).await)
     }
 
     async fn get_range(&self, key: &str, offset: u64, len: u64) -> StoreResult<Bytes> {
-        let _call = self.before(Op::GetRange, key).await?;
-        self.inner.get_range(key, offset, len).await
+        let call = self.before(Op::GetRange, key).await?;
+        call.finish(key, self.inner.get_range(key, offset, len).await)
     }
 
     async fn put(&self, key: &str, data: Bytes, condition: PutCondition) -> StoreResult<String> {
-        let _call = self.before(Op::Put, key).await?;
+        let call = self.before(Op::Put, key).await?;
         self.record_condition(key, &condition);
-        self.inner.put(key, data, condition).await
+        call.finish(key, self.inner.put(key, data, condition).await)
     }
 
     async fn put_file(
@@ -198,23 +221,23 @@ impl ObjectStore for FaultStore {
         path: &Path,
         condition: PutCondition,
     ) -> StoreResult<String> {
-        let _call = self.before(Op::Put, key).await?;
+        let call = self.before(Op::Put, key).await?;
         self.record_condition(key, &condition);
-        self.inner.put_file(key, path, condition).await
+        call.finish(key, self.inner.put_file(key, path, condition).await)
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {
-        let _call = self.before(Op::Delete, key).await?;
-        self.inner.delete(key).await
+        let call = self.before(Op::Delete, key).await?;
+        call.finish(key, self.inner.delete(key).await)
     }
 
     async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
-        let _call = self.before(Op::Head, key).await?;
-        self.inner.head(key).await
+        let call = self.before(Op::Head, key).await?;
+        call.finish(key, self.inner.head(key).await)
     }
 
     async fn list_page(&self, prefix: &str, continuation: Option<String>) -> StoreResult<ListPage> {
-        let _call = self.before(Op::List, prefix).await?;
-        self.inner.list_page(prefix, continuation).await
+        let call = self.before(Op::List, prefix).await?;
+        call.finish(prefix, self.inner.list_page(prefix, continuation).await)
     }
 }
