@@ -49,6 +49,24 @@ pub enum Error {
     Usage(String),
 }
 
+/// What a caller can do about an [`Error`]: the few cases a program (or the
+/// filesystem layer, choosing an errno) needs to tell apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Transient: the store failed or another writer won; trying again may work.
+    Retry,
+    /// The request itself is wrong (a key, a value, an option); fix the input.
+    InvalidInput,
+    /// Stored bytes are damaged; rebuild the index or restore the object.
+    Corrupt,
+    /// Writes are not uploaded yet; upload first.
+    Unsynced,
+    /// Another process holds the local directory.
+    Busy,
+    /// A local file operation failed (disk full, permissions...).
+    LocalIo,
+}
+
 impl From<StoreError> for Error {
     fn from(e: StoreError) -> Self {
         Error::Store(e)
@@ -56,6 +74,19 @@ impl From<StoreError> for Error {
 }
 
 impl Error {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Corrupt(_) => ErrorKind::Corrupt,
+            Error::Store(_) | Error::Conflict(_) => ErrorKind::Retry,
+            Error::InvalidKey { .. } | Error::ValueTooLarge { .. } | Error::Usage(_) => {
+                ErrorKind::InvalidInput
+            }
+            Error::Unsynced(_) => ErrorKind::Unsynced,
+            Error::LocalDirBusy { .. } => ErrorKind::Busy,
+            Error::Io { .. } => ErrorKind::LocalIo,
+        }
+    }
+
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             op,

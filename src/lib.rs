@@ -40,7 +40,7 @@ pub mod format;
 pub mod remote;
 
 pub use db::{OpenOptions, Progress, S4db, ScanMode, Stats};
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
 pub use format::Value;
 pub mod cli;
 pub mod target;

@@ -153,6 +153,7 @@ async fn keys_are_validated_before_anything_is_written() {
         .put([("fine", text("1")), (long.as_str(), text("2"))])
         .unwrap_err();
     assert!(matches!(err, Error::InvalidKey { .. }), "{err}");
+    assert_eq!(err.kind(), s4db::ErrorKind::InvalidInput);
     assert!(err.to_string().contains("65535"), "{err}");
     assert!(db.is_empty() && !db.has_unsynced_writes());
     db.put([("k".repeat(65535), text("max"))]).unwrap();
@@ -687,6 +688,7 @@ async fn truncated_data_files_and_indexes_are_clear_errors() {
             .await
             .unwrap_err();
         assert!(matches!(err, Error::Corrupt(_)), "{err}");
+        assert_eq!(err.kind(), s4db::ErrorKind::Corrupt);
         assert!(err.to_string().contains("p/index.idx"), "{err}");
     }
 }
@@ -825,6 +827,7 @@ async fn a_compaction_that_loses_the_race_changes_nothing() {
     let objects_before = b.store.list("p/").await.unwrap();
     let err = db.compact().await.unwrap_err();
     assert!(matches!(err, Error::Conflict(_)), "{err}");
+    assert_eq!(err.kind(), s4db::ErrorKind::Retry);
     let fresh = b.open("p", OpenOptions::default()).await;
     assert_eq!(fresh.keys(), vec!["a", "b", "c"]);
     assert_eq!(get(&fresh, "a").await, Some(text("1b")));
