@@ -1119,3 +1119,51 @@ fn long_operations_show_progress_on_a_terminal() {
     );
     assert!(shown.contains("imported 5000 keys"), "{shown}");
 }
+
+#[test]
+fn credentials_region_and_endpoint_can_come_from_a_named_profile() {
+    let moto = Moto::shared();
+    let bucket = moto.unique_bucket();
+    let db = format!("{bucket}/p");
+    let dir = tempdir();
+    let config = dir.path().join("config");
+    let credentials = dir.path().join("credentials");
+    std::fs::write(
+        &config,
+        format!(
+            "[profile s4db-test]\nregion = {}\nendpoint_url = {}\n",
+            common::REGION,
+            moto.endpoint
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        &credentials,
+        format!(
+            "[s4db-test]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            common::ACCESS_KEY,
+            common::SECRET_KEY
+        ),
+    )
+    .unwrap();
+    let profile_cli = || {
+        let mut cmd = no_s3_cli();
+        cmd.env_remove("AWS_ENDPOINT_URL")
+            .env_remove("AWS_REGION")
+            .env("AWS_CONFIG_FILE", &config)
+            .env("AWS_SHARED_CREDENTIALS_FILE", &credentials);
+        cmd
+    };
+    let args = ["--profile", "s4db-test", "--force-path-style"];
+    let put = [&["put", &db, "k", "from a profile"][..], &args[..]].concat();
+    exec(profile_cli(), &put, b"").ok_quiet();
+    let get = [&["get", &db, "k"][..], &args[..]].concat();
+    assert_eq!(
+        exec(profile_cli(), &get, b"").ok().stdout,
+        b"from a profile"
+    );
+    assert_eq!(py_get(moto, &bucket, "p/", "k"), json!("from a profile"));
+    // Without the profile nothing reaches moto.
+    let run = exec(profile_cli(), &["get", &db, "k", "--force-path-style"], b"");
+    assert_eq!(run.code, 2, "{run:?}");
+}
