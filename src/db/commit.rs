@@ -189,10 +189,9 @@ impl S4db {
     /// GETs and decodes the current index (an absent index is empty).
     pub(crate) async fn fetch_index(&self) -> Result<(Index, Option<String>)> {
         let key = self.object_key(INDEX_NAME);
-        match self.inner.store.get(&key).await {
-            Ok(got) => Ok((Index::decode(&key, &got.data)?, Some(got.etag))),
-            Err(StoreError::NotFound { .. }) => Ok((Index::default(), None)),
-            Err(e) => Err(e.into()),
+        match super::get_index(self.inner.store.as_ref(), &key).await? {
+            None => Ok((Index::default(), None)),
+            Some((index, etag)) => Ok((index?, Some(etag))),
         }
     }
 }

@@ -156,6 +156,19 @@ pub(crate) fn decode_live(key: &str, loc: Location, bytes: &[u8]) -> Result<Valu
     }
 }
 
+/// GETs the index object: `None` when there is none (an empty database),
+/// else its decoding (which may have failed) and its ETag.
+async fn get_index(
+    store: &dyn ObjectStore,
+    key: &str,
+) -> Result<Option<(Result<Index, FormatError>, String)>> {
+    match store.get(key).await {
+        Ok(got) => Ok(Some((Index::decode(key, &got.data), got.etag))),
+        Err(StoreError::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// `some/prefix` and `some/prefix/` are the same database; `` is the bucket root.
 pub fn normalize_prefix(prefix: &str) -> String {
     let p = prefix.trim_start_matches('/');
@@ -196,17 +209,14 @@ impl S4db {
     ) -> Result<S4db> {
         let prefix = normalize_prefix(prefix);
         let index_key = format!("{prefix}{INDEX_NAME}");
-        let (index, etag) = match store.get(&index_key).await {
-            Ok(got) => match Index::decode(&index_key, &got.data) {
-                Ok(index) => (index, Some(got.etag)),
-                Err(e) if opts.ignore_corrupt_index => {
-                    tracing::warn!("{e}; starting from an empty index to rebuild");
-                    (Index::default(), Some(got.etag))
-                }
-                Err(e) => return Err(e.into()),
-            },
-            Err(StoreError::NotFound { .. }) => (Index::default(), None),
-            Err(e) => return Err(e.into()),
+        let (index, etag) = match get_index(store.as_ref(), &index_key).await? {
+            None => (Index::default(), None),
+            Some((Ok(index), etag)) => (index, Some(etag)),
+            Some((Err(e), etag)) if opts.ignore_corrupt_index => {
+                tracing::warn!("{e}; starting from an empty index to rebuild");
+                (Index::default(), Some(etag))
+            }
+            Some((Err(e), _)) => return Err(e.into()),
         };
         let writer_id = loop {
             let id: u32 = rand::random();
