@@ -92,19 +92,14 @@ impl S4db {
             let local = local.ok_or_else(|| {
                 Error::Usage("data files to upload but no local directory".into())
             })?;
-            let fenced = self.inner.opts.fenced;
             let uploads = futures::stream::iter(files.into_iter().map(|(id, f)| async move {
                 let path = local.file_path(id);
                 let name = data_file_name(id);
                 let size = std::fs::metadata(&path)
                     .map_err(|e| Error::io("stat", &path, e))?
                     .len();
-                let condition = if fenced && !f.unconditional {
-                    PutCondition::IfAbsent
-                } else {
-                    PutCondition::None
-                };
                 let key = self.object_key(&name);
+                let condition = self.new_file_condition(f.unconditional);
                 match self.inner.store.put_file(&key, &path, condition).await {
                     Ok(_) => {}
                     // An earlier attempt may have landed without us hearing back:
@@ -134,6 +129,26 @@ impl S4db {
         Ok(report)
     }
 
+    /// The precondition for a data file this writer creates: create-only when
+    /// fenced, unless it is recovered from a dead process that may have sent it.
+    pub(crate) fn new_file_condition(&self, recovered: bool) -> PutCondition {
+        if self.inner.opts.fenced && !recovered {
+            PutCondition::IfAbsent
+        } else {
+            PutCondition::None
+        }
+    }
+
+    /// The precondition for committing an index over the one with `etag`
+    /// (the compare-and-swap of the commit protocol).
+    pub(crate) fn index_condition(&self, etag: &Option<String>) -> PutCondition {
+        match (etag, self.inner.opts.fenced) {
+            (_, false) => PutCondition::None,
+            (Some(etag), true) => PutCondition::IfMatch(etag.clone()),
+            (None, true) => PutCondition::IfAbsent,
+        }
+    }
+
     /// PUTs the committed image of the index; on conflict rebases and retries.
     async fn commit_index(&self) -> Result<u32> {
         let index_key = self.object_key(INDEX_NAME);
@@ -141,11 +156,7 @@ impl S4db {
         for attempt in 0..attempts {
             let (bytes, condition, rewritten) = {
                 let state = self.state();
-                let condition = match (&state.index_etag, self.inner.opts.fenced) {
-                    (_, false) => PutCondition::None,
-                    (Some(etag), true) => PutCondition::IfMatch(etag.clone()),
-                    (None, true) => PutCondition::IfAbsent,
-                };
+                let condition = self.index_condition(&state.index_etag);
                 (
                     state.encode_committed_image(),
                     condition,

@@ -7,7 +7,7 @@ use crate::format::{
     data_file_name, encode_file_header, file_id, parse_data_file_name, scan_entries, split_file_id,
     Corruption, FormatError, Index, Location, HEADER_SIZE, INDEX_NAME,
 };
-use crate::remote::{ObjectMeta, PutCondition, StoreError};
+use crate::remote::{ObjectMeta, StoreError};
 use futures::StreamExt;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
@@ -244,23 +244,15 @@ impl S4db {
         }
 
         let publish = async {
-            let condition = if self.inner.opts.fenced {
-                PutCondition::IfAbsent
-            } else {
-                PutCondition::None
-            };
             for (id, _) in &new_files {
                 let key = self.object_key(&data_file_name(*id));
+                let condition = self.new_file_condition(false);
                 self.inner
                     .store
-                    .put_file(&key, &local.file_path(*id), condition.clone())
+                    .put_file(&key, &local.file_path(*id), condition)
                     .await?;
             }
-            let condition = match (&etag, self.inner.opts.fenced) {
-                (_, false) => PutCondition::None,
-                (Some(e), true) => PutCondition::IfMatch(e.clone()),
-                (None, true) => PutCondition::IfAbsent,
-            };
+            let condition = self.index_condition(&etag);
             let index_key = self.object_key(INDEX_NAME);
             Ok::<_, Error>(
                 self.inner
@@ -269,6 +261,7 @@ impl S4db {
                     .await?,
             )
         };
+        let keys = new_index.entries.len();
         let new_etag = match publish.await {
             Ok(e) => e,
             Err(e) => {
@@ -300,9 +293,9 @@ impl S4db {
                     },
                 );
             }
-            let journal = state.journal.clone();
-            let mut view = new_index.clone();
-            for (k, c) in &journal {
+            // What readers see: the compacted index plus writes made meanwhile.
+            let mut view = new_index;
+            for (k, c) in &state.journal {
                 super::state::apply(&mut view.entries, k, *c);
             }
             state.index = view;
@@ -336,7 +329,7 @@ impl S4db {
             files_after: new_files.len(),
             bytes_before,
             bytes_after: new_files.iter().map(|(_, len)| len).sum(),
-            keys: new_index.entries.len(),
+            keys,
         })
     }
 
