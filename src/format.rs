@@ -216,11 +216,6 @@ pub fn encode_entry(out: &mut Vec<u8>, key: &str, value: Option<&Value>) {
     out.extend_from_slice(&crc.to_be_bytes());
 }
 
-/// The length an encoded entry would have, without encoding it (for tests and sizing).
-pub fn entry_len(key_len: usize, stored_value_len: usize) -> u64 {
-    ENTRY_OVERHEAD + key_len as u64 + stored_value_len as u64
-}
-
 /// A decoded entry: the key and the value, or `None` for a tombstone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
