@@ -117,7 +117,7 @@ pub enum Command {
     },
     /// Rewrite live entries into new files and drop dead ones
     Compact { db: String },
-    /// Rebuild the index by replaying data files
+    /// Rebuild the index by replaying data files and commit it (with --no-upload: only report)
     RebuildIndex {
         db: String,
         /// Download every data file under the prefix first (recovers a lost index)
