@@ -1,7 +1,7 @@
 //! Whole-database operations: download, compact, rebuild_index and gc.
 
 use super::state::{OwnFile, State};
-use super::{S4db, ScanMode};
+use super::S4db;
 use crate::error::{Error, Result};
 use crate::format::{
     data_file_name, encode_file_header, file_id, parse_data_file_name, scan_entries, split_file_id,
@@ -454,17 +454,6 @@ impl S4db {
             deleted.push(data_file_name(id));
         }
         Ok(deleted)
-    }
-
-    /// `scan` in [`ScanMode::Local`] collected into a vector (small databases, tests).
-    pub async fn items(&self, mode: ScanMode) -> Result<Vec<(String, crate::Value)>> {
-        let mut out = Vec::new();
-        self.scan(mode, |k, v| {
-            out.push((k, v));
-            Ok(())
-        })
-        .await?;
-        Ok(out)
     }
 }
 

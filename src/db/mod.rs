@@ -603,6 +603,17 @@ impl S4db {
         Ok(())
     }
 
+    /// [`S4db::scan`] collected into a vector, in key order (small databases, tests).
+    pub async fn items(&self, mode: ScanMode) -> Result<Vec<(String, Value)>> {
+        let mut out = Vec::new();
+        self.scan(mode, |k, v| {
+            out.push((k, v));
+            Ok(())
+        })
+        .await?;
+        Ok(out)
+    }
+
     /// Makes the active data file and the pending list durable (fsync) and
     /// writes a snapshot of the index to `<local_dir>/index.idx`. Only power
     /// loss needs this: a killed process loses nothing that `put` returned.
