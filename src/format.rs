@@ -296,6 +296,42 @@ pub fn decode_entry(file: &str, offset: u64, data: &[u8]) -> Result<Entry, Forma
     })
 }
 
+/// Bytes of an entry's head that [`entry_value_len`] needs: the fixed
+/// fields, the key, and Snappy's length preamble (a varint of at most 5 bytes).
+pub fn entry_head_len(key_len: usize) -> u64 {
+    9 + key_len as u64 + 5
+}
+
+/// The length of the value an entry holds, from the first bytes of the entry
+/// (see [`entry_head_len`]) without reading or decompressing the value: a raw
+/// value's stored length, or the length Snappy's preamble announces. The CRC
+/// cannot be checked on a prefix; the read of the whole entry checks it.
+pub fn entry_value_len(file: &str, offset: u64, head: &[u8]) -> Result<u64, FormatError> {
+    let err = |kind| FormatError::new(file, offset, kind);
+    let have = head.len() as u64;
+    let Some((flags, key_len, value_len, _)) = entry_frame(head) else {
+        return Err(err(Corruption::Truncated {
+            need: ENTRY_OVERHEAD,
+            have,
+        }));
+    };
+    if flags & !KNOWN_FLAGS != 0 {
+        return Err(err(Corruption::UnknownFlags(flags)));
+    }
+    if flags & (FLAG_RAW | FLAG_TOMBSTONE) != 0 {
+        return Ok(value_len as u64);
+    }
+    let start = 9 + key_len as usize;
+    let end = head.len().min(start + value_len as usize);
+    let preamble = head.get(start..end).ok_or(err(Corruption::Truncated {
+        need: start as u64,
+        have,
+    }))?;
+    snap::raw::decompress_len(preamble)
+        .map(|n| n as u64)
+        .map_err(|e| err(Corruption::Snappy(e.to_string())))
+}
+
 /// Where one entry sits in a data file, as found by [`scan_entries`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScannedEntry {
@@ -584,6 +620,15 @@ mod tests {
             let entry = decode_entry("f", 0, &buf).unwrap();
             prop_assert_eq!(entry.key, key);
             prop_assert_eq!(entry.value, value);
+        }
+
+        #[test]
+        fn value_len_comes_from_the_entry_head(key in ".{0,30}", value in value_strategy()) {
+            let mut buf = Vec::new();
+            encode_entry(&mut buf, &key, value.as_ref());
+            let head = &buf[..buf.len().min(entry_head_len(key.len()) as usize)];
+            let expected = value.as_ref().map_or(0, |v| v.len() as u64);
+            prop_assert_eq!(entry_value_len("f", 0, head).unwrap(), expected);
         }
 
         #[test]

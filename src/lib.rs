@@ -43,4 +43,7 @@ pub use db::{OpenOptions, Progress, S4db, ScanMode, Stats};
 pub use error::{Error, ErrorKind, Result};
 pub use format::Value;
 pub mod cli;
+pub mod fs;
+pub mod fuse;
+pub mod mount;
 pub mod target;

@@ -299,56 +299,83 @@ impl S4db {
         K: Into<String>,
         I: IntoIterator<Item = (K, Value)>,
     {
-        let items: Vec<(String, Value)> = items.into_iter().map(|(k, v)| (k.into(), v)).collect();
-        for (key, value) in &items {
-            validate_key(key)?;
-            // Stored values are never longer than the raw bytes (FLAG_RAW), so
-            // this bounds the entry, whose length the index keeps in a u32.
-            if value.len() as u64 + key.len() as u64 + 13 > u32::MAX as u64 {
-                return Err(Error::ValueTooLarge {
-                    key: key.chars().take(80).collect(),
-                    len: value.len() as u64,
-                });
-            }
-        }
-        if items.is_empty() {
-            return Ok(());
-        }
-        // Compress outside the lock: that is where a put spends its CPU.
-        let mut buf = Vec::new();
-        let mut spans = Vec::with_capacity(items.len());
-        for (key, value) in items {
-            let start = buf.len();
-            encode_entry(&mut buf, &key, Some(&value));
-            spans.push((key, start, buf.len() - start, false));
-        }
-        let mut state = self.state();
-        self.append_locked(&mut state, &buf, spans)
+        self.apply(items.into_iter().map(|(k, v)| (k, Some(v))))
+            .map(drop)
     }
 
     /// Deletes keys; absent keys are skipped (no tombstone is written for them).
     /// Returns how many keys existed.
     pub fn delete<K: AsRef<str>>(&self, keys: impl IntoIterator<Item = K>) -> Result<usize> {
-        let keys: Vec<String> = keys.into_iter().map(|k| k.as_ref().to_string()).collect();
-        for key in &keys {
+        let placed = self.apply(keys.into_iter().map(|k| (k.as_ref().to_string(), None)))?;
+        Ok(placed.iter().filter(|p| p.is_some()).count())
+    }
+
+    /// Puts (`Some`) and deletes (`None`) in one append under one lock: readers
+    /// see all of the batch or none of it, and one upload commits it whole
+    /// (a rename is a put of the new key and a delete of the old one).
+    /// Deletes of absent keys are skipped. Returns, per item, where its entry
+    /// was written (`None` for a skipped delete).
+    pub fn apply<K, I>(&self, items: I) -> Result<Vec<Option<Location>>>
+    where
+        K: Into<String>,
+        I: IntoIterator<Item = (K, Option<Value>)>,
+    {
+        let items: Vec<(String, Option<Value>)> =
+            items.into_iter().map(|(k, v)| (k.into(), v)).collect();
+        for (key, value) in &items {
             validate_key(key)?;
-        }
-        let mut state = self.state();
-        let mut buf = Vec::new();
-        let mut spans = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        for key in keys {
-            if state.index.entries.contains_key(&key) && seen.insert(key.clone()) {
-                let start = buf.len();
-                encode_entry(&mut buf, &key, None);
-                spans.push((key, start, buf.len() - start, true));
+            // Stored values are never longer than the raw bytes (FLAG_RAW), so
+            // this bounds the entry, whose length the index keeps in a u32.
+            let len = value.as_ref().map_or(0, |v| v.len() as u64);
+            if len + key.len() as u64 + 13 > u32::MAX as u64 {
+                return Err(Error::ValueTooLarge {
+                    key: key.chars().take(80).collect(),
+                    len,
+                });
             }
         }
-        let n = spans.len();
-        if n > 0 {
-            self.append_locked(&mut state, &buf, spans)?;
+        // Compress outside the lock: that is where a put spends its CPU.
+        let mut buf = Vec::new();
+        let mut encoded = Vec::with_capacity(items.len());
+        for (key, value) in &items {
+            let span = value.as_ref().map(|v| {
+                let start = buf.len();
+                encode_entry(&mut buf, key, Some(v));
+                (start, buf.len() - start)
+            });
+            encoded.push(span);
         }
-        Ok(n)
+        let mut state = self.state();
+        // Tombstones only for keys that exist when the batch lands (or that
+        // an earlier item of the batch puts).
+        let mut exists = std::collections::HashMap::new();
+        let mut spans = Vec::with_capacity(items.len());
+        let mut slot_of = Vec::with_capacity(items.len());
+        for ((key, _), span) in items.into_iter().zip(encoded) {
+            let present = *exists
+                .entry(key.clone())
+                .or_insert_with(|| state.index.entries.contains_key(&key));
+            match span {
+                Some((start, len)) => {
+                    exists.insert(key.clone(), true);
+                    slot_of.push(Some(spans.len()));
+                    spans.push((key, start, len, false));
+                }
+                None if present => {
+                    exists.insert(key.clone(), false);
+                    let start = buf.len();
+                    encode_entry(&mut buf, &key, None);
+                    slot_of.push(Some(spans.len()));
+                    spans.push((key, start, buf.len() - start, true));
+                }
+                None => slot_of.push(None),
+            }
+        }
+        if spans.is_empty() {
+            return Ok(slot_of.iter().map(|_| None).collect());
+        }
+        let placed = self.append_locked(&mut state, &buf, spans)?;
+        Ok(slot_of.into_iter().map(|s| s.map(|i| placed[i])).collect())
     }
 
     /// Appends encoded entries (`spans` index into `buf`), rolling files at the
@@ -358,7 +385,7 @@ impl S4db {
         state: &mut State,
         buf: &[u8],
         spans: Vec<(String, usize, usize, bool)>,
-    ) -> Result<()> {
+    ) -> Result<Vec<Location>> {
         let local = self.local_dir_locked(state)?;
         let max = self.inner.opts.max_file_size;
         let mut placed = Vec::with_capacity(spans.len());
@@ -393,16 +420,18 @@ impl S4db {
             }
             active.len = len;
         }
+        let mut locations = Vec::with_capacity(placed.len());
         for (file_id, offset, i) in placed {
             let (key, _, n, tombstone) = &spans[i];
-            let change = (!tombstone).then_some(Location {
+            let loc = Location {
                 file_id,
                 offset,
                 length: *n as u32,
-            });
-            state.record(key, change);
+            };
+            state.record(key, (!tombstone).then_some(loc));
+            locations.push(loc);
         }
-        Ok(())
+        Ok(locations)
     }
 
     /// Starts the next data file of this writer; recorded as pending first.
@@ -558,6 +587,31 @@ impl S4db {
     /// Where the index says `key` is (for tools and tests).
     pub fn location(&self, key: &str) -> Option<Location> {
         self.state().index.entries.get(key).copied()
+    }
+
+    /// Runs `f` over the live index (key → location) under the state lock:
+    /// range scans for directory listings without copying the keys. Keep `f`
+    /// short; writers wait for it.
+    pub fn read_index<R>(
+        &self,
+        f: impl FnOnce(&std::collections::BTreeMap<String, Location>) -> R,
+    ) -> R {
+        f(&self.state().index.entries)
+    }
+
+    /// The length of the value at `loc` (the entry of `key`), read from the
+    /// entry's first bytes: a local `pread`, else one small range GET. Nothing
+    /// is decompressed.
+    pub async fn value_len(&self, key: &str, loc: Location) -> Result<u64> {
+        let head = crate::format::entry_head_len(key.len()).min(loc.length as u64) as u32;
+        let part = Location {
+            length: head,
+            ..loc
+        };
+        let local = self.state().local.clone();
+        let bytes = self.read_entry_bytes(part, local.as_deref()).await?;
+        let name = data_file_name(loc.file_id);
+        Ok(crate::format::entry_value_len(&name, loc.offset, &bytes)?)
     }
 
     /// Calls `f` with every live key and value, in key order, over a snapshot

@@ -9,6 +9,7 @@
 mod contract;
 pub mod fault;
 pub mod local;
+pub mod metered;
 pub mod s3;
 
 use async_trait::async_trait;
@@ -18,6 +19,7 @@ use std::time::SystemTime;
 
 pub use fault::{Fault, FaultStore, Op};
 pub use local::LocalStore;
+pub use metered::{MeteredStore, RequestCounts};
 pub use s3::{S3Config, S3Store};
 
 /// A precondition on a PUT, as S3 conditional writes define them.

@@ -1,0 +1,5 @@
+//! `s4db-mount`: mount an s4db database as a directory. The work is in `s4db::mount`.
+
+fn main() -> std::process::ExitCode {
+    s4db::mount::main()
+}

@@ -1,0 +1,158 @@
+//! The bytes of one open file: in memory while small, in an unlinked
+//! temporary file once past a threshold, so a large value being written or
+//! read does not hold its size in RAM.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// Past this many bytes, content moves to a temporary file.
+pub const SPILL_BYTES: u64 = 8 * 1024 * 1024;
+
+#[derive(Debug)]
+enum Store {
+    Memory(Vec<u8>),
+    Spilled(File),
+}
+
+#[derive(Debug)]
+pub struct Content {
+    store: Store,
+    len: u64,
+    spill_dir: PathBuf,
+}
+
+impl Content {
+    pub fn empty(spill_dir: &Path) -> Content {
+        Content {
+            store: Store::Memory(Vec::new()),
+            len: 0,
+            spill_dir: spill_dir.to_path_buf(),
+        }
+    }
+
+    pub fn from_bytes(bytes: Vec<u8>, spill_dir: &Path) -> io::Result<Content> {
+        let mut c = Content {
+            len: bytes.len() as u64,
+            store: Store::Memory(bytes),
+            spill_dir: spill_dir.to_path_buf(),
+        };
+        c.spill_if_large()?;
+        Ok(c)
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn is_spilled(&self) -> bool {
+        matches!(self.store, Store::Spilled(_))
+    }
+
+    /// Up to `size` bytes from `offset` (fewer at the end).
+    pub fn read(&self, offset: u64, size: u32) -> io::Result<Vec<u8>> {
+        let end = self.len.min(offset.saturating_add(size as u64));
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        match &self.store {
+            Store::Memory(v) => Ok(v[offset as usize..end as usize].to_vec()),
+            Store::Spilled(f) => {
+                let mut buf = vec![0u8; (end - offset) as usize];
+                f.read_exact_at(&mut buf, offset)?;
+                Ok(buf)
+            }
+        }
+    }
+
+    /// Writes `data` at `offset`, zero-filling any gap past the end.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let end = offset + data.len() as u64;
+        if end > SPILL_BYTES {
+            self.spill()?;
+        }
+        match &mut self.store {
+            Store::Memory(v) => {
+                if (v.len() as u64) < end {
+                    v.resize(end as usize, 0);
+                }
+                v[offset as usize..end as usize].copy_from_slice(data);
+            }
+            Store::Spilled(f) => f.write_all_at(data, offset)?,
+        }
+        self.len = self.len.max(end);
+        Ok(())
+    }
+
+    pub fn truncate(&mut self, len: u64) -> io::Result<()> {
+        match &mut self.store {
+            Store::Memory(v) if len <= SPILL_BYTES => v.resize(len as usize, 0),
+            Store::Memory(_) => {
+                self.spill()?;
+                return self.truncate(len);
+            }
+            Store::Spilled(f) => f.set_len(len)?,
+        }
+        self.len = len;
+        Ok(())
+    }
+
+    /// The whole content, for a put.
+    pub fn to_vec(&self) -> io::Result<Vec<u8>> {
+        match &self.store {
+            Store::Memory(v) => Ok(v[..self.len as usize].to_vec()),
+            Store::Spilled(f) => {
+                let mut buf = vec![0u8; self.len as usize];
+                f.read_exact_at(&mut buf, 0)?;
+                Ok(buf)
+            }
+        }
+    }
+
+    fn spill_if_large(&mut self) -> io::Result<()> {
+        if self.len > SPILL_BYTES {
+            self.spill()?;
+        }
+        Ok(())
+    }
+
+    fn spill(&mut self) -> io::Result<()> {
+        if let Store::Memory(v) = &self.store {
+            std::fs::create_dir_all(&self.spill_dir)?;
+            let f = tempfile::tempfile_in(&self.spill_dir)?;
+            f.write_all_at(v, 0)?;
+            f.set_len(v.len() as u64)?;
+            self.store = Store::Spilled(f);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_reads_truncates_and_spills() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Content::empty(dir.path());
+        c.write(0, b"hello").unwrap();
+        c.write(7, b"!").unwrap();
+        assert_eq!(c.to_vec().unwrap(), b"hello\0\0!");
+        c.truncate(4).unwrap();
+        assert_eq!(c.read(1, 10).unwrap(), b"ell");
+        let big = SPILL_BYTES + 10;
+        c.write(big - 1, b"x").unwrap();
+        assert!(c.is_spilled());
+        assert_eq!(c.len(), big);
+        assert_eq!(c.read(0, 4).unwrap(), b"hell");
+        assert_eq!(c.read(big - 2, 5).unwrap(), b"\0x");
+        c.truncate(2).unwrap();
+        assert_eq!(c.to_vec().unwrap(), b"he");
+    }
+}

@@ -1,0 +1,156 @@
+//! Inode numbers for paths. Directories exist only as prefixes of keys, so an
+//! inode is a name for a path: it follows the path through renames and is
+//! dropped when the kernel forgets it.
+
+use std::collections::HashMap;
+
+pub const ROOT_INO: u64 = 1;
+/// `.s4db` at the root; its files take the numbers right after it.
+pub const CONTROL_DIR_INO: u64 = 2;
+/// First number handed out to keys and directories.
+const FIRST_DYNAMIC_INO: u64 = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeKind {
+    File,
+    Dir,
+}
+
+#[derive(Debug)]
+struct Node {
+    path: String,
+    kind: NodeKind,
+    /// Lookups the kernel holds (FUSE's nlookup); at zero the inode is freed.
+    lookups: u64,
+}
+
+#[derive(Debug)]
+pub struct Inodes {
+    by_ino: HashMap<u64, Node>,
+    by_path: HashMap<String, u64>,
+    next: u64,
+}
+
+impl Default for Inodes {
+    fn default() -> Self {
+        Inodes {
+            by_ino: HashMap::new(),
+            by_path: HashMap::new(),
+            next: FIRST_DYNAMIC_INO,
+        }
+    }
+}
+
+impl Inodes {
+    /// The path and kind of a dynamic inode (not the root or control files).
+    pub fn get(&self, ino: u64) -> Option<(&str, NodeKind)> {
+        self.by_ino.get(&ino).map(|n| (n.path.as_str(), n.kind))
+    }
+
+    pub fn ino_of(&self, path: &str) -> Option<u64> {
+        self.by_path.get(path).copied()
+    }
+
+    /// The inode of `path` as `kind`, made if needed; `lookup` counts one
+    /// kernel reference (entry replies). A path that changed kind (file to
+    /// directory) gets a new inode, so the kernel never mixes the two.
+    pub fn bind(&mut self, path: &str, kind: NodeKind, lookup: bool) -> u64 {
+        let existing = self
+            .by_path
+            .get(path)
+            .copied()
+            .filter(|ino| self.by_ino[ino].kind == kind);
+        let ino = existing.unwrap_or_else(|| {
+            let ino = self.next;
+            self.next += 1;
+            self.by_ino.insert(
+                ino,
+                Node {
+                    path: path.to_string(),
+                    kind,
+                    lookups: 0,
+                },
+            );
+            self.by_path.insert(path.to_string(), ino);
+            ino
+        });
+        if lookup {
+            self.by_ino.get_mut(&ino).expect("bound").lookups += 1;
+        }
+        ino
+    }
+
+    /// The kernel dropped `n` references.
+    pub fn forget(&mut self, ino: u64, n: u64) {
+        let Some(node) = self.by_ino.get_mut(&ino) else {
+            return;
+        };
+        node.lookups = node.lookups.saturating_sub(n);
+        if node.lookups == 0 {
+            let node = self.by_ino.remove(&ino).expect("present");
+            if self.by_path.get(&node.path) == Some(&ino) {
+                self.by_path.remove(&node.path);
+            }
+        }
+    }
+
+    /// The path no longer names anything (unlink, rmdir); open inodes keep
+    /// their number until forgotten.
+    pub fn unbind(&mut self, path: &str) {
+        self.by_path.remove(path);
+    }
+
+    /// `from` (and, for a directory, everything under it) is now `to`.
+    pub fn rename(&mut self, from: &str, to: &str) {
+        self.unbind(to);
+        let under = format!("{from}/");
+        let moved: Vec<(String, u64)> = self
+            .by_path
+            .iter()
+            .filter(|(p, _)| p.as_str() == from || p.starts_with(&under))
+            .map(|(p, i)| (p.clone(), *i))
+            .collect();
+        for (old, ino) in moved {
+            let new = format!("{to}{}", &old[from.len()..]);
+            self.by_path.remove(&old);
+            self.by_path.insert(new.clone(), ino);
+            if let Some(node) = self.by_ino.get_mut(&ino) {
+                node.path = new;
+            }
+        }
+    }
+
+    /// A number for a readdir entry the kernel has not looked up: the bound
+    /// inode if there is one, else a stable hash (`d_ino` is informational;
+    /// the kernel looks the name up before using it).
+    pub fn listing_ino(&self, path: &str) -> u64 {
+        use std::hash::{Hash, Hasher};
+        self.ino_of(path).unwrap_or_else(|| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            path.hash(&mut h);
+            h.finish() | (1 << 63)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bind_forget_rename() {
+        let mut t = Inodes::default();
+        let a = t.bind("d/a", NodeKind::File, true);
+        let d = t.bind("d", NodeKind::Dir, true);
+        assert_eq!(t.bind("d/a", NodeKind::File, true), a);
+        t.rename("d", "e");
+        assert_eq!(t.get(a), Some(("e/a", NodeKind::File)));
+        assert_eq!(t.get(d), Some(("e", NodeKind::Dir)));
+        assert_eq!(t.ino_of("d/a"), None);
+        t.forget(a, 1);
+        assert!(t.get(a).is_some());
+        t.forget(a, 1);
+        assert!(t.get(a).is_none());
+        assert_ne!(t.bind("e", NodeKind::File, false), d);
+    }
+}

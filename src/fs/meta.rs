@@ -1,0 +1,147 @@
+//! What `stat` shows about a value that the index does not hold: its length
+//! and the time it was put, per entry location (an entry never changes, so
+//! neither does its length).
+//!
+//! Entries written through this mount are recorded as they are written.
+//! Others' entries are resolved once (the entry's first bytes: a `pread` or a
+//! small range GET) and remembered in `<local-dir>/s4db-mount.meta`, so a later
+//! mount does not ask again.
+
+use crate::format::Location;
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Length and put time of one value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ValueMeta {
+    pub len: u64,
+    pub mtime: SystemTime,
+}
+
+/// One record of the meta file: file id, offset, value length, mtime in ns.
+const RECORD: usize = 32;
+
+#[derive(Debug)]
+pub struct MetaCache {
+    map: Mutex<HashMap<(u64, u64), ValueMeta>>,
+    /// Records learned since the last save, appended to the file in batches.
+    log: Mutex<Option<BufWriter<File>>>,
+    path: Option<PathBuf>,
+}
+
+fn key(loc: Location) -> (u64, u64) {
+    (loc.file_id, loc.offset)
+}
+
+impl MetaCache {
+    /// Loads `path` (if given and present), keeping only the records `live`
+    /// accepts, rewrites it compacted, and appends to it from then on.
+    pub fn open(path: Option<&Path>, live: impl Fn(u64, u64) -> bool) -> io::Result<MetaCache> {
+        let mut map = HashMap::new();
+        if let Some(p) = path {
+            match File::open(p) {
+                Ok(mut f) => {
+                    let mut buf = Vec::new();
+                    f.read_to_end(&mut buf)?;
+                    for r in buf.chunks_exact(RECORD) {
+                        let n = |i: usize| u64::from_be_bytes(r[i..i + 8].try_into().unwrap());
+                        if live(n(0), n(8)) {
+                            let mtime = UNIX_EPOCH + Duration::from_nanos(n(24));
+                            map.insert((n(0), n(8)), ValueMeta { len: n(16), mtime });
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let cache = MetaCache {
+            map: Mutex::new(map),
+            log: Mutex::new(None),
+            path: path.map(Path::to_path_buf),
+        };
+        cache.rewrite()?;
+        Ok(cache)
+    }
+
+    pub fn get(&self, loc: Location) -> Option<ValueMeta> {
+        self.map.lock().unwrap().get(&key(loc)).copied()
+    }
+
+    pub fn insert(&self, loc: Location, meta: ValueMeta) {
+        self.map.lock().unwrap().insert(key(loc), meta);
+        let mut log = self.log.lock().unwrap();
+        if let Some(w) = log.as_mut() {
+            if let Err(e) = w.write_all(&encode(key(loc), meta)) {
+                tracing::warn!("cannot record value sizes: {e}; they will be asked again");
+                *log = None;
+            }
+        }
+    }
+
+    /// Makes what was learned durable (called after uploads and at unmount).
+    pub fn save(&self) -> io::Result<()> {
+        if let Some(w) = self.log.lock().unwrap().as_mut() {
+            w.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the live records to a fresh file and appends from there.
+    fn rewrite(&self) -> io::Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let tmp = path.with_extension("meta.tmp");
+        let mut w = BufWriter::new(File::create(&tmp)?);
+        for (k, m) in self.map.lock().unwrap().iter() {
+            w.write_all(&encode(*k, *m))?;
+        }
+        w.flush()?;
+        std::fs::rename(&tmp, path)?;
+        let f = OpenOptions::new().append(true).open(path)?;
+        *self.log.lock().unwrap() = Some(BufWriter::new(f));
+        Ok(())
+    }
+}
+
+fn encode((file, offset): (u64, u64), meta: ValueMeta) -> [u8; RECORD] {
+    let mut r = [0u8; RECORD];
+    let ns = meta
+        .mtime
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    for (i, v) in [file, offset, meta.len, ns].into_iter().enumerate() {
+        r[i * 8..i * 8 + 8].copy_from_slice(&v.to_be_bytes());
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remembered_across_opens_and_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.meta");
+        let loc = |offset| Location {
+            file_id: 7,
+            offset,
+            length: 30,
+        };
+        let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let cache = MetaCache::open(Some(&path), |_, _| true).unwrap();
+        cache.insert(loc(9), ValueMeta { len: 5, mtime: t });
+        cache.insert(loc(40), ValueMeta { len: 6, mtime: t });
+        cache.save().unwrap();
+        drop(cache);
+        let cache = MetaCache::open(Some(&path), |_, off| off == 9).unwrap();
+        assert_eq!(cache.get(loc(9)), Some(ValueMeta { len: 5, mtime: t }));
+        assert_eq!(cache.get(loc(40)), None);
+    }
+}

@@ -1,0 +1,125 @@
+//! Which keys can be paths, and which names can be keys.
+//!
+//! A key `a/b/c` is file `c` in directories `a/b`. Keys that cannot be paths
+//! are hidden from the tree (and listed in `.s4db/unmapped`); names that
+//! cannot be keys are refused with an errno, never rewritten.
+
+use super::error::{FsError, FsResult};
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+
+/// Longest name component Linux accepts.
+pub const MAX_NAME_BYTES: usize = 255;
+/// The control directory at the mount root; keys under it are never shown.
+pub const CONTROL_DIR: &str = ".s4db";
+
+/// Whether every component of `key` is a usable path component and the key
+/// is not under the control directory. Shadowing (a file `d` beside keys
+/// `d/...`) needs the index: see [`is_shadowed`].
+pub fn key_is_path(key: &str) -> bool {
+    !key.is_empty()
+        && key.split('/').enumerate().all(|(i, c)| {
+            !(c.is_empty()
+                || c == "."
+                || c == ".."
+                || c.len() > MAX_NAME_BYTES
+                || c.contains('\0')
+                || (i == 0 && c == CONTROL_DIR))
+        })
+}
+
+/// Whether some key lies under `key/`: the directory wins and file `key` is hidden.
+pub fn is_shadowed<V>(index: &BTreeMap<String, V>, key: &str) -> bool {
+    has_under(index, &format!("{key}/"))
+}
+
+/// Whether any key starts with `prefix`.
+pub fn has_under<V>(index: &BTreeMap<String, V>, prefix: &str) -> bool {
+    index
+        .range(prefix.to_string()..)
+        .next()
+        .is_some_and(|(k, _)| k.starts_with(prefix))
+}
+
+/// Keys the tree does not show, in key order.
+pub fn unmapped_keys<V>(index: &BTreeMap<String, V>) -> Vec<String> {
+    index
+        .keys()
+        .filter(|k| !key_is_path(k) || is_shadowed(index, k))
+        .cloned()
+        .collect()
+}
+
+/// A name a program gives for a new file or directory, checked to be a key component.
+pub fn new_component(name: &OsStr) -> FsResult<&str> {
+    let s = name
+        .to_str()
+        .ok_or_else(|| FsError::InvalidName(format!("{name:?} is not UTF-8; keys are UTF-8")))?;
+    if s.len() > MAX_NAME_BYTES {
+        return Err(FsError::NameTooLong(s.len()));
+    }
+    if s.is_empty() || s == "." || s == ".." || s.contains('\0') {
+        return Err(FsError::InvalidName(format!("{s:?}")));
+    }
+    Ok(s)
+}
+
+/// The path of `name` inside directory `parent` ("" is the root).
+pub fn join(parent: &str, name: &str) -> String {
+    if parent.is_empty() {
+        name.to_string()
+    } else {
+        format!("{parent}/{name}")
+    }
+}
+
+/// The first key after every key under `dir/`: the range scan of a listing
+/// skips a whole subdirectory with it ('0' sorts right after '/').
+pub fn after_subtree(dir_prefix: &str, child: &str) -> String {
+    format!("{dir_prefix}{child}0")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_that_are_paths() {
+        for ok in ["a", "a/b/c", "ü/x", ".hidden", "a/.s4db"] {
+            assert!(key_is_path(ok), "{ok}");
+        }
+        let long = "x".repeat(256);
+        for bad in [
+            "",
+            "/a",
+            "a/",
+            "a//b",
+            "./y",
+            "a/../b",
+            ".s4db",
+            ".s4db/k",
+            long.as_str(),
+        ] {
+            assert!(!key_is_path(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn shadowed_files_are_unmapped() {
+        let index: BTreeMap<String, ()> = ["d", "d!", "d/e", "x//y", "z"]
+            .into_iter()
+            .map(|k| (k.to_string(), ()))
+            .collect();
+        assert_eq!(unmapped_keys(&index), vec!["d", "x//y"]);
+    }
+
+    #[test]
+    fn new_names() {
+        assert!(matches!(
+            new_component(OsStr::new(&"n".repeat(256))),
+            Err(FsError::NameTooLong(256))
+        ));
+        assert!(new_component(OsStr::new("ok.txt")).is_ok());
+        assert!(new_component(OsStr::new("..")).is_err());
+    }
+}

@@ -1,0 +1,396 @@
+//! The thin `fuser::Filesystem` adapter: convert arguments, call
+//! [`crate::fs::S4Fs`], reply. Every call that may wait (on S3, on a file's
+//! lock, on an upload) runs as a task on the tokio runtime and replies from
+//! there, so the session thread keeps reading requests: 64 parallel `cat`s of
+//! remote keys overlap instead of queueing behind each other.
+
+use crate::fs::inodes::NodeKind;
+use crate::fs::{Attr, FsError, FsResult, S4Fs};
+use fuser::{
+    consts, FileAttr, FileType, Filesystem, KernelConfig, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
+};
+use std::ffi::{OsStr, OsString};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// How long the kernel may trust names and attributes before asking again
+/// (short, so other writers' commits picked up by refresh show soon).
+const TTL: Duration = Duration::from_secs(1);
+/// Largest write the kernel sends at once.
+const MAX_WRITE: u32 = 1024 * 1024;
+
+pub struct FuseAdapter {
+    fs: Arc<S4Fs>,
+    rt: tokio::runtime::Handle,
+}
+
+impl FuseAdapter {
+    pub fn new(fs: Arc<S4Fs>, rt: tokio::runtime::Handle) -> FuseAdapter {
+        FuseAdapter { fs, rt }
+    }
+
+    /// Runs `f` on the runtime; it replies when done.
+    fn spawn<F, Fut>(&self, f: F)
+    where
+        F: FnOnce(Arc<S4Fs>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.rt.spawn(f(self.fs.clone()));
+    }
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    let (kind, nlink) = match a.kind {
+        NodeKind::File => (FileType::RegularFile, 1),
+        NodeKind::Dir => (FileType::Directory, 2),
+    };
+    FileAttr {
+        ino: a.ino,
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: a.mtime,
+        mtime: a.mtime,
+        ctime: a.mtime,
+        crtime: a.mtime,
+        kind,
+        perm: a.perm,
+        nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+fn errno(e: &FsError) -> i32 {
+    match e {
+        FsError::NotFound | FsError::Exists => {}
+        _ => tracing::debug!("fuse: {e}"),
+    }
+    e.to_errno()
+}
+
+fn reply_attr(reply: ReplyAttr, r: FsResult<Attr>) {
+    match r {
+        Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+fn reply_entry(reply: ReplyEntry, r: FsResult<Attr>) {
+    match r {
+        Ok(a) => reply.entry(&TTL, &file_attr(&a), 0),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+fn reply_empty(reply: ReplyEmpty, r: FsResult<()>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(&e)),
+    }
+}
+
+fn open_flags(keep_cache: bool, direct_io: bool) -> u32 {
+    let mut flags = 0;
+    if keep_cache {
+        flags |= consts::FOPEN_KEEP_CACHE;
+    }
+    if direct_io {
+        flags |= consts::FOPEN_DIRECT_IO;
+    }
+    flags
+}
+
+fn system_time(t: TimeOrNow) -> SystemTime {
+    match t {
+        TimeOrNow::SpecificTime(t) => t,
+        TimeOrNow::Now => SystemTime::now(),
+    }
+}
+
+impl Filesystem for FuseAdapter {
+    fn init(&mut self, _req: &Request<'_>, config: &mut KernelConfig) -> Result<(), i32> {
+        // Optional capabilities: the kernel may lack some; that is fine.
+        let _ = config.add_capabilities(
+            consts::FUSE_ASYNC_READ
+                | consts::FUSE_BIG_WRITES
+                | consts::FUSE_ATOMIC_O_TRUNC
+                | consts::FUSE_PARALLEL_DIROPS,
+        );
+        let _ = config.set_max_write(MAX_WRITE);
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
+        Ok(())
+    }
+
+    fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
+        let name = name.to_os_string();
+        self.spawn(move |fs| async move { reply_entry(reply, fs.lookup(parent, &name).await) });
+    }
+
+    fn forget(&mut self, _req: &Request<'_>, ino: u64, nlookup: u64) {
+        self.fs.forget(ino, nlookup);
+    }
+
+    fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
+        self.spawn(move |fs| async move { reply_attr(reply, fs.getattr(ino).await) });
+    }
+
+    fn setattr(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<u64>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<u32>,
+        reply: ReplyAttr,
+    ) {
+        let mtime = mtime.map(system_time);
+        self.spawn(move |fs| async move { reply_attr(reply, fs.setattr(ino, size, mtime).await) });
+    }
+
+    fn mkdir(
+        &mut self,
+        _req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        reply_entry(reply, self.fs.mkdir(parent, name));
+    }
+
+    fn unlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(reply, self.fs.unlink(parent, name));
+    }
+
+    fn rmdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(reply, self.fs.rmdir(parent, name));
+    }
+
+    fn symlink(
+        &mut self,
+        _req: &Request<'_>,
+        _parent: u64,
+        _link_name: &OsStr,
+        _target: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
+        reply.error(FsError::NotPermitted("symlinks cannot be keys").to_errno());
+    }
+
+    fn link(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        _newparent: u64,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        reply.error(FsError::NotPermitted("hard links cannot be keys").to_errno());
+    }
+
+    fn mknod(
+        &mut self,
+        _req: &Request<'_>,
+        _parent: u64,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(FsError::NotPermitted("only regular files and directories").to_errno());
+    }
+
+    fn rename(
+        &mut self,
+        _req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+        reply: ReplyEmpty,
+    ) {
+        let (name, newname): (OsString, OsString) = (name.into(), newname.into());
+        self.spawn(move |fs| async move {
+            let r = fs.rename(parent, &name, newparent, &newname, flags).await;
+            reply_empty(reply, r)
+        });
+    }
+
+    fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
+        self.spawn(move |fs| async move {
+            match fs.open(ino, flags).await {
+                Ok(o) => reply.opened(o.fh, open_flags(o.keep_cache, o.direct_io)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn create(
+        &mut self,
+        _req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let name = name.to_os_string();
+        self.spawn(move |fs| async move {
+            match fs.create(parent, &name, flags).await {
+                Ok((a, o)) => reply.created(
+                    &TTL,
+                    &file_attr(&a),
+                    0,
+                    o.fh,
+                    open_flags(o.keep_cache, o.direct_io),
+                ),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn read(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        offset: i64,
+        size: u32,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        reply: ReplyData,
+    ) {
+        self.spawn(move |fs| async move {
+            match fs.read(fh, offset.max(0) as u64, size).await {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn write(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        offset: i64,
+        data: &[u8],
+        _write_flags: u32,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        reply: ReplyWrite,
+    ) {
+        let data = data.to_vec();
+        self.spawn(move |fs| async move {
+            match fs.write(fh, offset.max(0) as u64, &data).await {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn flush(&mut self, _req: &Request<'_>, _ino: u64, fh: u64, _lock: u64, reply: ReplyEmpty) {
+        self.spawn(move |fs| async move { reply_empty(reply, fs.flush(fh).await) });
+    }
+
+    fn fsync(&mut self, _req: &Request<'_>, _ino: u64, fh: u64, _data: bool, reply: ReplyEmpty) {
+        self.spawn(move |fs| async move { reply_empty(reply, fs.fsync(fh).await) });
+    }
+
+    fn release(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn(move |fs| async move { reply_empty(reply, fs.release(fh).await) });
+    }
+
+    fn opendir(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
+        match self.fs.opendir(ino) {
+            Ok(fh) => reply.opened(fh, 0),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdir(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        offset: i64,
+        mut reply: ReplyDirectory,
+    ) {
+        let entries = match self.fs.readdir(fh, offset as u64) {
+            Ok(e) => e,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        for (i, e) in entries.iter().enumerate().skip(offset.max(0) as usize) {
+            let kind = match e.kind {
+                NodeKind::File => FileType::RegularFile,
+                NodeKind::Dir => FileType::Directory,
+            };
+            if reply.add(e.ino, (i + 1) as i64, kind, &e.name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        _flags: i32,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.releasedir(fh);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        _fh: u64,
+        _data: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {
+        // An object store has no fixed capacity: report a large, free volume.
+        let blocks = 1u64 << 40;
+        let files = self.fs.db().len() as u64;
+        reply.statfs(blocks, blocks, blocks, files, u64::MAX / 2, 4096, 255, 4096);
+    }
+
+    fn access(&mut self, _req: &Request<'_>, _ino: u64, _mask: i32, reply: ReplyEmpty) {
+        reply.ok();
+    }
+}

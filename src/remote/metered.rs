@@ -1,0 +1,110 @@
+//! A wrapper that counts requests by kind, for `.s4db/stats` and benchmarks:
+//! "zero S3 requests for `ls -l`" is a claim the counters can check.
+
+use super::{GetResult, ListPage, ObjectMeta, ObjectStore, PutCondition, StoreResult};
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Requests sent to the wrapped store, by kind (a LIST page counts once).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct RequestCounts {
+    pub get: u64,
+    pub get_range: u64,
+    pub put: u64,
+    pub delete: u64,
+    pub list: u64,
+    pub head: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    get: AtomicU64,
+    get_range: AtomicU64,
+    put: AtomicU64,
+    delete: AtomicU64,
+    list: AtomicU64,
+    head: AtomicU64,
+}
+
+/// Counts every request, then forwards it unchanged.
+#[derive(Debug)]
+pub struct MeteredStore {
+    inner: Arc<dyn ObjectStore>,
+    counters: Counters,
+}
+
+impl MeteredStore {
+    pub fn new(inner: Arc<dyn ObjectStore>) -> MeteredStore {
+        MeteredStore {
+            inner,
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn counts(&self) -> RequestCounts {
+        let c = &self.counters;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        RequestCounts {
+            get: load(&c.get),
+            get_range: load(&c.get_range),
+            put: load(&c.put),
+            delete: load(&c.delete),
+            list: load(&c.list),
+            head: load(&c.head),
+        }
+    }
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+#[async_trait]
+impl ObjectStore for MeteredStore {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+
+    async fn get(&self, key: &str) -> StoreResult<GetResult> {
+        bump(&self.counters.get);
+        self.inner.get(key).await
+    }
+
+    async fn get_range(&self, key: &str, offset: u64, len: u64) -> StoreResult<Bytes> {
+        bump(&self.counters.get_range);
+        self.inner.get_range(key, offset, len).await
+    }
+
+    async fn put(&self, key: &str, data: Bytes, condition: PutCondition) -> StoreResult<String> {
+        bump(&self.counters.put);
+        self.inner.put(key, data, condition).await
+    }
+
+    async fn put_file(
+        &self,
+        key: &str,
+        path: &Path,
+        condition: PutCondition,
+    ) -> StoreResult<String> {
+        bump(&self.counters.put);
+        self.inner.put_file(key, path, condition).await
+    }
+
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        bump(&self.counters.delete);
+        self.inner.delete(key).await
+    }
+
+    async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
+        bump(&self.counters.head);
+        self.inner.head(key).await
+    }
+
+    async fn list_page(&self, prefix: &str, continuation: Option<String>) -> StoreResult<ListPage> {
+        bump(&self.counters.list);
+        self.inner.list_page(prefix, continuation).await
+    }
+}
