@@ -6,7 +6,7 @@
 #   scripts/test.sh --setup-only     only install the system packages and Python venvs
 #
 # Set-up, each step skipped when already done:
-#   - fuse3 (fusermount3) from Debian
+#   - fuse3 (fusermount3), rsync and the user tools the mount tests use, from Debian
 #   - .venv-test/py10: moto[server] + boto3 + s4db 0.10.0 (S3 mock server and reference impl.)
 #   - .venv-test/py08: s4db 0.8.0 + boto3 (reference impl. of the old format)
 # The tests find these through S4DB_TEST_PY10, S4DB_TEST_PY08 and S4DB_MOTO_SERVER.
@@ -35,6 +35,10 @@ apt_install() {
 command -v fusermount3 >/dev/null || apt_install fuse3
 # script(1) gives the progress-bar test a terminal.
 command -v script >/dev/null || apt_install bsdutils
+# Real programs the mount tests run against the mount.
+command -v rsync >/dev/null || apt_install rsync
+command -v runuser >/dev/null || apt_install util-linux
+command -v useradd >/dev/null || apt_install passwd
 command -v python3 >/dev/null || apt_install python3 python3-venv
 # Debian's own python3 needs python3-venv for `python3 -m venv`.
 python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv
