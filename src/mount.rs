@@ -374,6 +374,12 @@ pub fn main() -> ExitCode {
         readiness.failed(&e);
         return ExitCode::from(2);
     }
+    // A daemon's stderr is /dev/null: panics must reach the log.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        tracing::error!("{info}");
+        default_hook(info);
+    }));
     match serve(&args, &target, &local_dir, &mut readiness) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -469,6 +475,7 @@ fn serve(
         local_dir.display()
     );
     rt.spawn(fs.clone().run_uploader());
+    rt.spawn(fs.clone().preload_hints());
     let unmounter = session.unmount_callable();
     rt.spawn(unmount_on_signal(unmounter, args.mountpoint.clone()));
     readiness.ready();

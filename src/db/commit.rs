@@ -107,6 +107,7 @@ impl S4db {
                     Err(StoreError::Conflict { .. }) if same_content(self, &key, &path).await? => {}
                     Err(e) => return Err(Error::from(e)),
                 }
+                self.publish_hints(id, local).await;
                 Ok::<_, Error>((id, size))
             }))
             .buffer_unordered(self.inner.opts.concurrency.clamp(1, 8));

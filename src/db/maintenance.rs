@@ -251,6 +251,7 @@ impl S4db {
                     .store
                     .put_file(&key, &local.file_path(*id), condition)
                     .await?;
+                self.publish_hints(*id, &local).await;
             }
             let condition = self.index_condition(&etag);
             let index_key = self.object_key(INDEX_NAME);
@@ -272,6 +273,7 @@ impl S4db {
                         .store
                         .delete(&self.object_key(&data_file_name(*id)))
                         .await;
+                    self.delete_hints(*id).await;
                     let _ = local.remove(*id);
                 }
                 return Err(match e {
@@ -321,6 +323,7 @@ impl S4db {
                 .store
                 .delete(&self.object_key(&data_file_name(*old_id)))
                 .await?;
+            self.delete_hints(*old_id).await;
             local.remove(*old_id)?;
             self.state().files.remove(old_id);
         }
@@ -442,9 +445,11 @@ impl S4db {
         };
         let now = SystemTime::now();
         let mut deleted = Vec::new();
+        let mut kept = HashSet::new();
         for (id, meta) in self.list_data_objects().await? {
             let age = now.duration_since(meta.last_modified).unwrap_or_default();
             if referenced.contains(&id) || own.contains(&id) || age < grace {
+                kept.insert(id);
                 continue;
             }
             self.inner.store.delete(&meta.key).await?;
@@ -452,6 +457,10 @@ impl S4db {
                 local.remove(id)?;
             }
             deleted.push(data_file_name(id));
+        }
+        // Hints of data files that are gone (deleted here, or by the Python package).
+        for key in self.orphan_hints(&kept).await? {
+            self.inner.store.delete(&key).await?;
         }
         Ok(deleted)
     }

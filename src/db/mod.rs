@@ -7,6 +7,7 @@
 //! its own and never blocks writers across network I/O.
 
 mod commit;
+mod hints;
 mod local_dir;
 mod maintenance;
 mod recovery;
@@ -26,6 +27,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 pub use commit::UploadReport;
+pub use hints::FileHints;
 pub use maintenance::{CompactReport, RebuildReport};
 
 /// Default soft limit of a data file, as in the Python package.

@@ -72,6 +72,14 @@ impl MetaCache {
         self.map.lock().unwrap().get(&key(loc)).copied()
     }
 
+    /// Records `meta` unless something is known already (hints carry only
+    /// the upload time, which must not replace a put time known here).
+    pub fn learn(&self, loc: Location, meta: ValueMeta) {
+        if self.get(loc).is_none() {
+            self.insert(loc, meta);
+        }
+    }
+
     pub fn insert(&self, loc: Location, meta: ValueMeta) {
         self.map.lock().unwrap().insert(key(loc), meta);
         let mut log = self.log.lock().unwrap();

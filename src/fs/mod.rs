@@ -130,12 +130,16 @@ pub struct S4Fs {
     next_fh: AtomicU64,
     meta: MetaCache,
     resolving: Mutex<HashMap<Location, Arc<tokio::sync::OnceCell<ValueMeta>>>>,
+    /// Data files whose hint object was looked for, and whether it exists.
+    hinted: Mutex<HashMap<u64, Arc<tokio::sync::OnceCell<bool>>>>,
     /// Per inode, the entry whose bytes the kernel's page cache holds.
     cached: Mutex<HashMap<u64, Location>>,
     cache_hits: AtomicU64,
     last_error: Mutex<String>,
     upload_wanted: tokio::sync::Notify,
     last_write: Mutex<Instant>,
+    /// Where background work runs (calls may come from the FUSE thread).
+    rt: tokio::runtime::Handle,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -149,6 +153,7 @@ fn existing_name(name: &OsStr) -> FsResult<&str> {
 
 impl S4Fs {
     /// The filesystem over `db`, whose store is `store` (counted for stats).
+    /// Call within the tokio runtime that is to run its background work.
     pub fn new(db: S4db, store: Arc<MeteredStore>, cfg: FsConfig) -> FsResult<Arc<S4Fs>> {
         let live: std::collections::HashSet<(u64, u64)> =
             db.read_index(|idx| idx.values().map(|l| (l.file_id, l.offset)).collect());
@@ -165,11 +170,13 @@ impl S4Fs {
             next_fh: AtomicU64::new(1),
             meta,
             resolving: Mutex::new(HashMap::new()),
+            hinted: Mutex::new(HashMap::new()),
             cached: Mutex::new(HashMap::new()),
             cache_hits: AtomicU64::new(0),
             last_error: Mutex::new(String::new()),
             upload_wanted: tokio::sync::Notify::new(),
             last_write: Mutex::new(Instant::now()),
+            rt: tokio::runtime::Handle::current(),
         }))
     }
 
@@ -221,6 +228,11 @@ impl S4Fs {
         if let Some(m) = self.meta.get(loc) {
             return Ok(m);
         }
+        if self.learn_hints(loc.file_id).await {
+            if let Some(m) = self.meta.get(loc) {
+                return Ok(m);
+            }
+        }
         let cell = lock(&self.resolving).entry(loc).or_default().clone();
         let m = *cell
             .get_or_try_init(|| async {
@@ -235,6 +247,57 @@ impl S4Fs {
             .await?;
         lock(&self.resolving).remove(&loc);
         Ok(m)
+    }
+
+    /// Loads the hint object of data file `file_id` once per mount (one GET
+    /// for all its sizes). Returns whether the file has hints.
+    async fn learn_hints(&self, file_id: u64) -> bool {
+        let cell = lock(&self.hinted).entry(file_id).or_default().clone();
+        *cell
+            .get_or_init(|| async {
+                match self.db.file_hints(file_id).await {
+                    Ok(Some(h)) => {
+                        for (offset, len) in h.lengths {
+                            let loc = Location {
+                                file_id,
+                                offset,
+                                length: 0,
+                            };
+                            let mtime = h.published;
+                            self.meta.learn(loc, ValueMeta { len, mtime });
+                        }
+                        true
+                    }
+                    Ok(None) => false,
+                    Err(e) => {
+                        tracing::debug!("hints of file {file_id:#x}: {e}");
+                        false
+                    }
+                }
+            })
+            .await
+    }
+
+    /// At mount: fetch the hint objects of every data file holding values
+    /// whose size is not known here, so a later `ls -l` costs no request.
+    pub async fn preload_hints(self: Arc<Self>) {
+        let files: std::collections::BTreeSet<u64> = self.db.read_index(|idx| {
+            idx.values()
+                .filter(|l| self.meta.get(**l).is_none())
+                .map(|l| l.file_id)
+                .collect()
+        });
+        futures::stream::iter(files)
+            .for_each_concurrent(RESOLVE_CONCURRENCY, |id| {
+                let fs = self.clone();
+                async move {
+                    fs.learn_hints(id).await;
+                }
+            })
+            .await;
+        if let Err(e) = self.meta.save() {
+            tracing::warn!("cannot save value sizes: {e}");
+        }
     }
 
     async fn attr_of(&self, ino: u64, path: &str, kind: NodeKind) -> FsResult<Attr> {
@@ -481,7 +544,7 @@ impl S4Fs {
             return;
         }
         let fs = self.clone();
-        tokio::spawn(async move {
+        self.rt.spawn(async move {
             futures::stream::iter(wanted)
                 .for_each_concurrent(RESOLVE_CONCURRENCY, |(p, l)| {
                     let fs = fs.clone();

@@ -1,0 +1,163 @@
+//! Hint objects: beside each data file this project publishes, a small object
+//! listing each value's length (Bitcask's hint files, for sizes rather than
+//! start-up). A mount on another machine learns every size in a file from
+//! one GET instead of a range GET per key, and `ls -l` stays free.
+//!
+//! `<prefix>hints/<data file name>.hint`: `"S4HINT1\n"`, u64 upload time in
+//! ns since the epoch, then per live value u64 offset and u64 length, then a
+//! CRC-32 of everything before it; big-endian. The Python package lists only
+//! names matching its data-file pattern, so it never sees these; our `gc`
+//! removes hints whose data file is gone.
+
+use super::S4db;
+use crate::error::Result;
+use crate::format::{data_file_name, entry_value_len, scan_entries};
+use crate::remote::{PutCondition, StoreError};
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const MAGIC: &[u8; 8] = b"S4HINT1\n";
+/// The folder of hint objects under the database prefix.
+pub const HINTS_DIR: &str = "hints/";
+
+/// Value lengths of one data file, by entry offset, and when it was published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileHints {
+    pub published: SystemTime,
+    pub lengths: HashMap<u64, u64>,
+}
+
+pub fn hint_name(file_id: u64) -> String {
+    format!("{HINTS_DIR}{}.hint", data_file_name(file_id))
+}
+
+fn encode(published: SystemTime, lengths: &[(u64, u64)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + lengths.len() * 16 + 4);
+    out.extend_from_slice(MAGIC);
+    let ns = published
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    out.extend_from_slice(&ns.to_be_bytes());
+    for (offset, len) in lengths {
+        out.extend_from_slice(&offset.to_be_bytes());
+        out.extend_from_slice(&len.to_be_bytes());
+    }
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_be_bytes());
+    out
+}
+
+/// `None` when the bytes are not a valid hint object (then sizes are read
+/// from the entries themselves: hints are an optimization, never trusted blindly).
+fn decode(data: &[u8]) -> Option<FileHints> {
+    let body_len = data.len().checked_sub(4)?;
+    let (body, crc) = data.split_at(body_len);
+    if !body.starts_with(MAGIC)
+        || (body.len() - 16) % 16 != 0
+        || crc32fast::hash(body).to_be_bytes() != crc
+    {
+        return None;
+    }
+    let n = |i: usize| u64::from_be_bytes(body[i..i + 8].try_into().unwrap());
+    let published = UNIX_EPOCH + Duration::from_nanos(n(8));
+    let lengths = (16..body.len())
+        .step_by(16)
+        .map(|i| (n(i), n(i + 8)))
+        .collect();
+    Some(FileHints { published, lengths })
+}
+
+impl S4db {
+    /// Publishes the hint object of local data file `file_id` (just
+    /// uploaded). Best effort: a failure only costs range GETs later.
+    pub(crate) async fn publish_hints(&self, file_id: u64, local: &super::LocalDir) {
+        let path = local.file_path(file_id);
+        let name = data_file_name(file_id);
+        let lengths = match std::fs::read(&path) {
+            Ok(data) => scan_entries(&name, &data).map(|scan| {
+                scan.entries
+                    .iter()
+                    .filter(|e| !e.tombstone)
+                    .filter_map(|e| {
+                        let bytes = &data[e.offset as usize..(e.offset + e.length as u64) as usize];
+                        entry_value_len(&name, e.offset, bytes)
+                            .ok()
+                            .map(|len| (e.offset, len))
+                    })
+                    .collect::<Vec<_>>()
+            }),
+            Err(e) => {
+                tracing::warn!("no hints for {name}: reading {}: {e}", path.display());
+                return;
+            }
+        };
+        let Ok(lengths) = lengths else {
+            return;
+        };
+        let body = encode(SystemTime::now(), &lengths);
+        let key = self.object_key(&hint_name(file_id));
+        if let Err(e) = self
+            .inner
+            .store
+            .put(&key, body.into(), PutCondition::None)
+            .await
+        {
+            tracing::warn!("no hints for {name}: {e}");
+        }
+    }
+
+    /// The hints of data file `file_id`, if this project published them.
+    pub async fn file_hints(&self, file_id: u64) -> Result<Option<FileHints>> {
+        let key = self.object_key(&hint_name(file_id));
+        match self.inner.store.get(&key).await {
+            Ok(got) => Ok(decode(&got.data)),
+            Err(StoreError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Deletes the hint object of a data file that was deleted.
+    pub(crate) async fn delete_hints(&self, file_id: u64) {
+        let key = self.object_key(&hint_name(file_id));
+        if let Err(e) = self.inner.store.delete(&key).await {
+            tracing::debug!("leaving {key} to gc: {e}");
+        }
+    }
+
+    /// Hint objects whose data file is not in `live` (for gc).
+    pub(crate) async fn orphan_hints(
+        &self,
+        live: &std::collections::HashSet<u64>,
+    ) -> Result<Vec<String>> {
+        let dir = self.object_key(HINTS_DIR);
+        let listed = self.inner.store.list(&dir).await?;
+        Ok(listed
+            .into_iter()
+            .filter(|o| {
+                let name = o.key[dir.len()..].trim_end_matches(".hint");
+                crate::format::parse_data_file_name(name).is_none_or(|id| !live.contains(&id))
+            })
+            .map(|o| o.key)
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hints_round_trip_and_reject_damage() {
+        let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let bytes = encode(t, &[(9, 5), (40, 1 << 33)]);
+        let h = decode(&bytes).unwrap();
+        assert_eq!(h.published, t);
+        assert_eq!(h.lengths[&40], 1 << 33);
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 1;
+            assert!(decode(&bad).is_none(), "flip at {i}");
+        }
+        assert!(decode(&bytes[..bytes.len() - 1]).is_none());
+    }
+}
