@@ -216,6 +216,43 @@ pub fn encode_entry(out: &mut Vec<u8>, key: &str, value: Option<&Value>) {
     out.extend_from_slice(&crc.to_be_bytes());
 }
 
+/// Writes a put entry whose value (`len` bytes) is streamed from `src`,
+/// stored raw (FLAG_RAW): a large value never has to be in memory, which
+/// Snappy's raw block format would require. Returns the entry's length.
+pub fn write_raw_entry(
+    out: &mut impl std::io::Write,
+    key: &str,
+    src: &mut impl std::io::Read,
+    len: u32,
+    binary: bool,
+) -> std::io::Result<u64> {
+    let flags = FLAG_RAW | if binary { FLAG_BINARY } else { 0 };
+    let mut crc = crc32fast::Hasher::new();
+    let mut head = Vec::with_capacity(9 + key.len());
+    head.push(flags);
+    head.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    head.extend_from_slice(&len.to_be_bytes());
+    head.extend_from_slice(key.as_bytes());
+    crc.update(&head);
+    out.write_all(&head)?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut left = len as usize;
+    while left > 0 {
+        let n = src.read(&mut buf[..left.min(256 * 1024)])?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("value of {key:?} ended {left} bytes early"),
+            ));
+        }
+        crc.update(&buf[..n]);
+        out.write_all(&buf[..n])?;
+        left -= n;
+    }
+    out.write_all(&crc.finalize().to_be_bytes())?;
+    Ok(ENTRY_OVERHEAD + key.len() as u64 + len as u64)
+}
+
 /// A decoded entry: the key and the value, or `None` for a tombstone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -629,6 +666,15 @@ mod tests {
             let head = &buf[..buf.len().min(entry_head_len(key.len()) as usize)];
             let expected = value.as_ref().map_or(0, |v| v.len() as u64);
             prop_assert_eq!(entry_value_len("f", 0, head).unwrap(), expected);
+        }
+
+        #[test]
+        fn streamed_raw_entries_decode(key in ".{0,30}", bytes in proptest::collection::vec(any::<u8>(), 0..300), binary in any::<bool>()) {
+            let value = if binary { Value::Binary(bytes.clone()) } else { Value::from_bytes_guess(bytes.clone()) };
+            let mut buf = Vec::new();
+            let n = write_raw_entry(&mut buf, &key, &mut &value.as_bytes()[..], value.len() as u32, value.is_binary()).unwrap();
+            prop_assert_eq!(n, buf.len() as u64);
+            prop_assert_eq!(decode_entry("f", 0, &buf).unwrap().value, Some(value));
         }
 
         #[test]

@@ -98,6 +98,37 @@ impl LocalDir {
         }
     }
 
+    /// Copies `len` bytes at `offset` of a local data file into `sink`, in
+    /// chunks, feeding each to `inspect` (a CRC). `false` when the file is
+    /// absent or too short.
+    pub fn copy_range(
+        &self,
+        file_id: u64,
+        offset: u64,
+        len: u64,
+        sink: &File,
+        mut inspect: impl FnMut(&[u8]),
+    ) -> Result<bool> {
+        let Some(file) = self.handle(file_id)? else {
+            return Ok(false);
+        };
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(buf.len() as u64) as usize;
+            match file.read_exact_at(&mut buf[..n], offset + done) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
+                Err(e) => return Err(Error::io("read", self.file_path(file_id), e)),
+            }
+            inspect(&buf[..n]);
+            sink.write_all_at(&buf[..n], done)
+                .map_err(|e| Error::io("write", "a temporary file", e))?;
+            done += n as u64;
+        }
+        Ok(true)
+    }
+
     fn handle(&self, file_id: u64) -> Result<Option<Arc<File>>> {
         if let Some(f) = self.handles.lock().unwrap().get(&file_id) {
             return Ok(Some(f.clone()));

@@ -380,6 +380,55 @@ impl S4db {
         Ok(slot_of.into_iter().map(|s| s.map(|i| placed[i])).collect())
     }
 
+    /// Puts a value of `len` bytes read from `src`, streamed into the data
+    /// file as one raw entry: memory stays bounded whatever the size (the
+    /// filesystem uses this for files too large to hold). `binary` chooses
+    /// the value's type, as [`Value::Binary`] vs [`Value::Text`].
+    pub fn put_from_reader(
+        &self,
+        key: &str,
+        src: &mut impl std::io::Read,
+        len: u64,
+        binary: bool,
+    ) -> Result<Location> {
+        validate_key(key)?;
+        let entry_len = len + key.len() as u64 + crate::format::ENTRY_OVERHEAD;
+        if entry_len > u32::MAX as u64 {
+            return Err(Error::ValueTooLarge {
+                key: key.chars().take(80).collect(),
+                len,
+            });
+        }
+        let mut state = self.state();
+        let local = self.local_dir_locked(&mut state)?;
+        let max = self.inner.opts.max_file_size;
+        let needs_roll = match &state.active {
+            None => true,
+            Some(a) => a.len > HEADER_SIZE && a.len + entry_len > max,
+        };
+        if needs_roll {
+            self.roll_locked(&mut state, &local)?;
+        }
+        let active = state.active.as_mut().expect("rolled above");
+        let offset = active.len;
+        let mut out = std::io::BufWriter::with_capacity(256 * 1024, &mut active.file);
+        let written = crate::format::write_raw_entry(&mut out, key, src, len as u32, binary)
+            .and_then(|n| out.flush().map(|_| n));
+        drop(out);
+        if let Err(e) = written {
+            let _ = active.file.set_len(active.len);
+            return Err(Error::io("append to", local.file_path(active.id), e));
+        }
+        active.len += entry_len;
+        let loc = Location {
+            file_id: active.id,
+            offset,
+            length: entry_len as u32,
+        };
+        state.record(key, Some(loc));
+        Ok(loc)
+    }
+
     /// Appends encoded entries (`spans` index into `buf`), rolling files at the
     /// soft size limit, then publishes them to the in-memory index.
     fn append_locked(
@@ -491,6 +540,70 @@ impl S4db {
                 }
             }
         }
+    }
+
+    /// Writes the value of `key` into `sink` from its start and returns its
+    /// length and whether it is binary (`None`: no such key). A raw entry in
+    /// a local data file is copied in chunks with its CRC checked on the way,
+    /// so a large value never sits whole in memory; any other entry is read
+    /// as by [`S4db::get`].
+    pub async fn get_into_file(
+        &self,
+        key: &str,
+        sink: &std::fs::File,
+    ) -> Result<Option<(u64, bool)>> {
+        use std::os::unix::fs::FileExt;
+        let Some(loc) = self.location(key) else {
+            return Ok(None);
+        };
+        let local = self.state().local.clone();
+        let head_len = 9 + key.len() as u32;
+        let head = match &local {
+            Some(l) if loc.length > head_len + 4 => l.read_at(loc.file_id, loc.offset, head_len)?,
+            _ => None,
+        };
+        if let (Some(local), Some(head)) = (local, head) {
+            let raw = head[0] & crate::format::FLAG_RAW != 0
+                && head[0] & crate::format::FLAG_TOMBSTONE == 0;
+            if raw && &head[9..] == key.as_bytes() {
+                let value_len = (loc.length - head_len - 4) as u64;
+                let mut crc = crc32fast::Hasher::new();
+                crc.update(&head);
+                let copied = local.copy_range(
+                    loc.file_id,
+                    loc.offset + head_len as u64,
+                    value_len,
+                    sink,
+                    |b| crc.update(b),
+                )?;
+                let stored = local.read_at(loc.file_id, loc.offset + loc.length as u64 - 4, 4)?;
+                if copied {
+                    if let Some(stored) = stored {
+                        let stored = u32::from_be_bytes(stored[..4].try_into().expect("4 bytes"));
+                        let computed = crc.finalize();
+                        if stored != computed {
+                            let name = data_file_name(loc.file_id);
+                            return Err(FormatError::new(
+                                &name,
+                                loc.offset,
+                                Corruption::Crc { stored, computed },
+                            )
+                            .into());
+                        }
+                        sink.set_len(value_len)
+                            .map_err(|e| Error::io("truncate", "a temporary file", e))?;
+                        return Ok(Some((value_len, head[0] & crate::format::FLAG_BINARY != 0)));
+                    }
+                }
+            }
+        }
+        let Some(value) = self.get(key).await? else {
+            return Ok(None);
+        };
+        sink.write_all_at(value.as_bytes(), 0)
+            .and_then(|_| sink.set_len(value.len() as u64))
+            .map_err(|e| Error::io("write", "a temporary file", e))?;
+        Ok(Some((value.len() as u64, value.is_binary())))
     }
 
     /// Picks up what other writers committed: GETs the index and, if it

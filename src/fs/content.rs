@@ -3,7 +3,7 @@
 //! read does not hold its size in RAM.
 
 use std::fs::File;
-use std::io;
+use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -40,6 +40,21 @@ impl Content {
         };
         c.spill_if_large()?;
         Ok(c)
+    }
+
+    /// Content that starts out in `file` (already `len` bytes long).
+    pub fn from_spill_file(file: File, len: u64, spill_dir: &Path) -> Content {
+        Content {
+            store: Store::Spilled(file),
+            len,
+            spill_dir: spill_dir.to_path_buf(),
+        }
+    }
+
+    /// A fresh unlinked temporary file in the spill directory.
+    pub fn spill_file(spill_dir: &Path) -> io::Result<File> {
+        std::fs::create_dir_all(spill_dir)?;
+        tempfile::tempfile_in(spill_dir)
     }
 
     pub fn len(&self) -> u64 {
@@ -114,6 +129,44 @@ impl Content {
         }
     }
 
+    /// Reads the whole content from the start (a large value streams from
+    /// its temporary file into the data file, never whole into memory).
+    pub fn reader(&self) -> Box<dyn Read + '_> {
+        match &self.store {
+            Store::Memory(v) => Box::new(&v[..self.len as usize]),
+            Store::Spilled(f) => Box::new(ReadAt {
+                file: f,
+                pos: 0,
+                end: self.len,
+            }),
+        }
+    }
+
+    /// Whether the bytes are valid UTF-8 (then they are stored as text),
+    /// checked a chunk at a time.
+    pub fn is_utf8(&self) -> io::Result<bool> {
+        let mut reader = self.reader();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut carry = 0;
+        loop {
+            let n = reader.read(&mut buf[carry..])?;
+            if n == 0 {
+                return Ok(carry == 0);
+            }
+            let filled = carry + n;
+            match std::str::from_utf8(&buf[..filled]) {
+                Ok(_) => carry = 0,
+                // A character cut by the chunk boundary: keep its first bytes.
+                Err(e) if e.error_len().is_none() => {
+                    let valid = e.valid_up_to();
+                    buf.copy_within(valid..filled, 0);
+                    carry = filled - valid;
+                }
+                Err(_) => return Ok(false),
+            }
+        }
+    }
+
     fn spill_if_large(&mut self) -> io::Result<()> {
         if self.len > SPILL_BYTES {
             self.spill()?;
@@ -123,13 +176,28 @@ impl Content {
 
     fn spill(&mut self) -> io::Result<()> {
         if let Store::Memory(v) = &self.store {
-            std::fs::create_dir_all(&self.spill_dir)?;
-            let f = tempfile::tempfile_in(&self.spill_dir)?;
+            let f = Content::spill_file(&self.spill_dir)?;
             f.write_all_at(v, 0)?;
             f.set_len(v.len() as u64)?;
             self.store = Store::Spilled(f);
         }
         Ok(())
+    }
+}
+
+/// `Read` over a region of a file by position (the file is shared).
+struct ReadAt<'a> {
+    file: &'a File,
+    pos: u64,
+    end: u64,
+}
+
+impl Read for ReadAt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let want = (self.end - self.pos).min(buf.len() as u64) as usize;
+        let n = self.file.read_at(&mut buf[..want], self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
     }
 }
 
@@ -152,6 +220,14 @@ mod tests {
         assert_eq!(c.len(), big);
         assert_eq!(c.read(0, 4).unwrap(), b"hell");
         assert_eq!(c.read(big - 2, 5).unwrap(), b"\0x");
+        assert!(c.is_utf8().unwrap());
+        c.write(SPILL_BYTES - 1, "é".as_bytes()).unwrap();
+        assert!(c.is_utf8().unwrap());
+        c.write(3, &[0xff]).unwrap();
+        assert!(!c.is_utf8().unwrap());
+        let mut all = Vec::new();
+        c.reader().read_to_end(&mut all).unwrap();
+        assert_eq!(all.len() as u64, c.len());
         c.truncate(2).unwrap();
         assert_eq!(c.to_vec().unwrap(), b"he");
     }

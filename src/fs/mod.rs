@@ -771,14 +771,30 @@ impl S4Fs {
             return Ok(true);
         }
         let loc = self.db.location(path);
-        let bytes = match loc {
-            Some(_) => self.db.get(path).await?.map(Value::into_bytes),
-            None => None,
+        let spill = &self.cfg.spill_dir;
+        let large = match loc {
+            Some(l) => self
+                .meta
+                .get(l)
+                .is_some_and(|m| m.len > content::SPILL_BYTES),
+            None => false,
         };
-        d.content = Some(Content::from_bytes(
-            bytes.unwrap_or_default(),
-            &self.cfg.spill_dir,
-        )?);
+        d.content = Some(if large {
+            // Straight into a temporary file: a large value is not held in memory.
+            let file = Content::spill_file(spill)?;
+            let len = self
+                .db
+                .get_into_file(path, &file)
+                .await?
+                .map_or(0, |(len, _)| len);
+            Content::from_spill_file(file, len, spill)
+        } else {
+            let bytes = match loc {
+                Some(_) => self.db.get(path).await?.map(Value::into_bytes),
+                None => None,
+            };
+            Content::from_bytes(bytes.unwrap_or_default(), spill)?
+        });
         d.base = loc;
         if let Some(loc) = loc {
             if let Some(m) = self.meta.get(loc) {
@@ -852,11 +868,18 @@ impl S4Fs {
         }
         let (path, _) = self.node(ino)?;
         let content = d.content.as_ref().expect("dirty content is loaded");
-        check_entry_size(&path, content.len())?;
-        let value = Value::from_bytes_guess(content.to_vec()?);
-        let len = value.len() as u64;
-        let placed = self.db.apply([(path, Some(value))])?;
-        let loc = placed[0].expect("a put is always placed");
+        let len = content.len();
+        check_entry_size(&path, len)?;
+        let loc = if content.is_spilled() {
+            // Too large to hold: streamed from the spill file as a raw entry.
+            let binary = !content.is_utf8()?;
+            self.db
+                .put_from_reader(&path, &mut content.reader(), len, binary)?
+        } else {
+            let value = Value::from_bytes_guess(content.to_vec()?);
+            let placed = self.db.apply([(path, Some(value))])?;
+            placed[0].expect("a put is always placed")
+        };
         self.meta.insert(
             loc,
             ValueMeta {
