@@ -104,6 +104,9 @@ impl MetaCache {
         let Some(path) = &self.path else {
             return Ok(());
         };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
         let tmp = path.with_extension("meta.tmp");
         let mut w = BufWriter::new(File::create(&tmp)?);
         for (k, m) in self.map.lock().unwrap().iter() {

@@ -504,6 +504,13 @@ impl S4Fs {
             }));
         } else {
             let dir = self.dir_path(ino)?;
+            if dir.is_empty() {
+                entries.push(DirEntry {
+                    ino: CONTROL_DIR_INO,
+                    kind: NodeKind::Dir,
+                    name: CONTROL_DIR.into(),
+                });
+            }
             let children = self.list_children(&dir);
             let mut unknown = Vec::new();
             {
@@ -519,13 +526,6 @@ impl S4Fs {
                         unknown.push(path);
                     }
                 }
-            }
-            if dir.is_empty() {
-                entries.push(DirEntry {
-                    ino: CONTROL_DIR_INO,
-                    kind: NodeKind::Dir,
-                    name: CONTROL_DIR.into(),
-                });
             }
             self.prefetch_sizes(unknown);
         }
@@ -1069,10 +1069,10 @@ impl S4Fs {
         }
         let from = join(&self.dir_path(parent)?, existing_name(name)?);
         let to = self.new_path(new_parent, new_name)?;
+        let src = self.resolve(&from).ok_or(FsError::NotFound)?;
         if from == to {
             return Ok(());
         }
-        let src = self.resolve(&from).ok_or(FsError::NotFound)?;
         let dst = self.resolve(&to);
         if flags & libc::RENAME_NOREPLACE != 0 && dst.is_some() {
             return Err(FsError::Exists);
@@ -1336,3 +1336,6 @@ fn humantime_now() -> String {
         .map_or(0, |d| d.as_secs());
     format!("[unix time {secs}]")
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,252 @@
+//! The filesystem core without FUSE: the same calls the kernel makes, on
+//! the local-directory store, checked against the engine and a model.
+
+use super::*;
+use crate::remote::LocalStore;
+use crate::OpenOptions;
+use proptest::prelude::*;
+use std::ffi::OsString;
+
+struct Fixture {
+    fs: Arc<S4Fs>,
+    _dir: tempfile::TempDir,
+}
+
+async fn fixture(seed: &[(&str, Value)]) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn crate::remote::ObjectStore> =
+        Arc::new(LocalStore::open(&dir.path().join("store"), "b").unwrap());
+    if !seed.is_empty() {
+        let db = S4db::open(store.clone(), "p", OpenOptions::default())
+            .await
+            .unwrap();
+        db.put(seed.iter().map(|(k, v)| (k.to_string(), v.clone())))
+            .unwrap();
+        db.upload().await.unwrap();
+    }
+    let store = Arc::new(MeteredStore::new(store));
+    let local = dir.path().join("local");
+    let opts = OpenOptions {
+        local_dir: Some(local.clone()),
+        ..OpenOptions::default()
+    };
+    let db = S4db::open(store.clone(), "p", opts).await.unwrap();
+    let cfg = FsConfig {
+        uid: 0,
+        gid: 0,
+        file_mode: 0o644,
+        dir_mode: 0o755,
+        read_only: false,
+        upload_delay: None,
+        spill_dir: local.join("spill"),
+        meta_path: Some(local.join("meta")),
+    };
+    let fs = S4Fs::new(db, store, cfg).unwrap();
+    Fixture { fs, _dir: dir }
+}
+
+fn os(s: &str) -> OsString {
+    OsString::from(s)
+}
+
+impl Fixture {
+    /// The inode of directory `path` ("" is the root), looked up component by component.
+    async fn dir(&self, path: &str) -> u64 {
+        let mut ino = ROOT_INO;
+        for c in path.split('/').filter(|c| !c.is_empty()) {
+            ino = self.fs.lookup(ino, &os(c)).await.unwrap().ino;
+        }
+        ino
+    }
+
+    async fn write_file(&self, path: &str, data: &[u8]) -> FsResult<()> {
+        let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
+        let parent = self.dir(dir).await;
+        let fh = match self.fs.lookup(parent, &os(name)).await {
+            Ok(a) => {
+                self.fs
+                    .open(a.ino, libc::O_WRONLY | libc::O_TRUNC)
+                    .await?
+                    .fh
+            }
+            Err(_) => {
+                self.fs
+                    .create(parent, &os(name), libc::O_WRONLY)
+                    .await?
+                    .1
+                    .fh
+            }
+        };
+        self.fs.write(fh, 0, data).await?;
+        self.fs.flush(fh).await?;
+        self.fs.release(fh).await
+    }
+
+    async fn read_file(&self, path: &str) -> FsResult<Vec<u8>> {
+        let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
+        let attr = self.fs.lookup(self.dir(dir).await, &os(name)).await?;
+        let o = self.fs.open(attr.ino, libc::O_RDONLY).await?;
+        let data = self.fs.read(o.fh, 0, u32::MAX).await?;
+        self.fs.release(o.fh).await?;
+        assert_eq!(data.len() as u64, attr.size, "st_size of {path}");
+        Ok(data)
+    }
+
+    async fn names(&self, dir: &str) -> Vec<String> {
+        let fh = self.fs.opendir(self.dir(dir).await).unwrap();
+        let entries = self.fs.readdir(fh, 0).unwrap();
+        self.fs.releasedir(fh);
+        entries
+            .iter()
+            .map(|e| e.name.clone())
+            .filter(|n| n != "." && n != "..")
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn files_directories_and_control_files() {
+    let f = fixture(&[
+        ("a/b", Value::from("committed")),
+        ("bad//key", Value::from("hidden")),
+        ("d", Value::from("shadowed")),
+        ("d/e", Value::from("under")),
+    ])
+    .await;
+    assert_eq!(f.names("").await, vec![".s4db", "a", "bad", "d"]);
+    assert_eq!(f.names("d").await, vec!["e"]);
+    assert_eq!(f.read_file("a/b").await.unwrap(), b"committed");
+    f.write_file("a/new", &[0xff, 0]).await.unwrap();
+    assert_eq!(
+        f.fs.db().get("a/new").await.unwrap(),
+        Some(Value::Binary(vec![0xff, 0]))
+    );
+    let unmapped = f.fs.control_contents(ControlFile::Unmapped);
+    assert_eq!(unmapped, b"\"bad//key\"\n\"d\"\n");
+
+    // A directory rename is one batch; hidden keys stay where they are.
+    let root = ROOT_INO;
+    f.fs.rename(root, &os("d"), root, &os("z"), 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        f.fs.db().get("z/e").await.unwrap(),
+        Some(Value::from("under"))
+    );
+    assert_eq!(
+        f.fs.db().get("d").await.unwrap(),
+        Some(Value::from("shadowed"))
+    );
+    assert!(f.fs.db().get("d/e").await.unwrap().is_none());
+    let err =
+        f.fs.rename(root, &os("a"), root, &os("z"), libc::RENAME_NOREPLACE)
+            .await;
+    assert!(matches!(err, Err(FsError::Exists)));
+
+    // Names that cannot be keys are refused, not rewritten.
+    let long = "n".repeat(256);
+    assert_eq!(
+        f.fs.create(root, &os(&long), 0)
+            .await
+            .unwrap_err()
+            .to_errno(),
+        libc::ENAMETOOLONG
+    );
+    assert!(f.fs.mkdir(CONTROL_DIR_INO, &os("x")).is_err());
+
+    // Reading a control file runs nothing; writing runs it.
+    f.fs.run_control(ControlFile::Upload).await.unwrap();
+    assert!(!f.fs.db().has_unsynced_writes());
+    assert!(f.fs.stats_json()["s3_requests"]["put"].as_u64().unwrap() >= 2);
+}
+
+#[tokio::test]
+async fn emptied_directories_stay_until_rmdir_and_sizes_survive_remount() {
+    let f = fixture(&[]).await;
+    f.fs.mkdir(ROOT_INO, &os("x")).unwrap();
+    f.write_file("x/y", b"12345").await.unwrap();
+    let x = f.dir("x").await;
+    f.fs.unlink(x, &os("y")).unwrap();
+    assert_eq!(f.names("").await, vec![".s4db", "x"]);
+    assert!(matches!(f.fs.rmdir(ROOT_INO, &os("x")), Ok(())));
+    assert_eq!(f.names("").await, vec![".s4db"]);
+
+    // Truncate by path (no open handle) is one put.
+    f.write_file("t", b"abcdef").await.unwrap();
+    let t = f.fs.lookup(ROOT_INO, &os("t")).await.unwrap().ino;
+    assert_eq!(f.fs.setattr(t, Some(2), None).await.unwrap().size, 2);
+    assert_eq!(f.fs.db().get("t").await.unwrap(), Some(Value::from("ab")));
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write(u8, Vec<u8>),
+    Append(u8, Vec<u8>),
+    Unlink(u8),
+    Rename(u8, u8),
+    Upload,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let data = proptest::collection::vec(any::<u8>(), 0..40);
+    prop_oneof![
+        (0u8..6, data.clone()).prop_map(|(k, d)| Op::Write(k, d)),
+        (0u8..6, data).prop_map(|(k, d)| Op::Append(k, d)),
+        (0u8..6).prop_map(Op::Unlink),
+        (0u8..6, 0u8..6).prop_map(|(a, b)| Op::Rename(a, b)),
+        Just(Op::Upload),
+    ]
+}
+
+/// Keys in two directories, so renames cross directories.
+fn name(k: u8) -> String {
+    format!("{}/f{k}", if k % 2 == 0 { "even" } else { "odd" })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    #[test]
+    fn random_operations_match_a_model(ops in proptest::collection::vec(op(), 1..25)) {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let f = fixture(&[]).await;
+            f.fs.mkdir(ROOT_INO, &os("even")).unwrap();
+            f.fs.mkdir(ROOT_INO, &os("odd")).unwrap();
+            let mut model: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+            for op in ops {
+                match op {
+                    Op::Write(k, d) => {
+                        f.write_file(&name(k), &d).await.unwrap();
+                        model.insert(name(k), d);
+                    }
+                    Op::Append(k, d) => {
+                        let mut cur = model.get(&name(k)).cloned().unwrap_or_default();
+                        cur.extend_from_slice(&d);
+                        f.write_file(&name(k), &cur).await.unwrap();
+                        model.insert(name(k), cur);
+                    }
+                    Op::Unlink(k) => {
+                        let (dir, file) = name(k).rsplit_once('/').map(|(a, b)| (a.to_string(), b.to_string())).unwrap();
+                        let r = f.fs.unlink(f.dir(&dir).await, &os(&file));
+                        assert_eq!(r.is_ok(), model.remove(&name(k)).is_some());
+                    }
+                    Op::Rename(a, b) => {
+                        let (da, fa) = name(a).rsplit_once('/').map(|(x, y)| (x.to_string(), y.to_string())).unwrap();
+                        let (db, fb) = name(b).rsplit_once('/').map(|(x, y)| (x.to_string(), y.to_string())).unwrap();
+                        let r = f.fs.rename(f.dir(&da).await, &os(&fa), f.dir(&db).await, &os(&fb), 0).await;
+                        match model.remove(&name(a)) {
+                            Some(v) => { r.unwrap(); model.insert(name(b), v); }
+                            None => assert!(r.is_err()),
+                        }
+                    }
+                    Op::Upload => f.fs.run_control(ControlFile::Upload).await.unwrap(),
+                }
+            }
+            for (k, v) in &model {
+                assert_eq!(&f.read_file(k).await.unwrap(), v, "{k}");
+            }
+            let keys: Vec<String> = f.fs.db().keys();
+            assert_eq!(keys, model.keys().cloned().collect::<Vec<_>>());
+        });
+    }
+}
