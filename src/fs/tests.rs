@@ -15,7 +15,7 @@ struct Fixture {
 async fn fixture(seed: &[(&str, Value)]) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn crate::remote::ObjectStore> =
-        Arc::new(LocalStore::open(&dir.path().join("store"), "b").unwrap());
+        Arc::new(LocalStore::open(dir.path().join("store"), "b").unwrap());
     if !seed.is_empty() {
         let db = S4db::open(store.clone(), "p", OpenOptions::default())
             .await
@@ -200,7 +200,7 @@ fn op() -> impl Strategy<Value = Op> {
 
 /// Keys in two directories, so renames cross directories.
 fn name(k: u8) -> String {
-    format!("{}/f{k}", if k % 2 == 0 { "even" } else { "odd" })
+    format!("{}/f{k}", if k.is_multiple_of(2) { "even" } else { "odd" })
 }
 
 proptest! {
