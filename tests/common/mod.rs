@@ -540,3 +540,15 @@ pub fn noise(len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+// ------------------------------------------------------------------- daemons
+
+/// Spawns `cmd` so that it gets SIGKILL when this test process dies, however the test
+/// thread that asked for it ends: for daemons (e.g. `s4db-mount -f`) that must never
+/// outlive the test run. Forked from the keeper thread (see [`spawn_on_keeper_thread`]).
+pub fn spawn_tied_to_process(mut cmd: Command) -> std::io::Result<Child> {
+    spawn_on_keeper_thread(Box::new(move || {
+        die_with_parent(&mut cmd);
+        cmd.spawn()
+    }))
+}

@@ -1,0 +1,1778 @@
+//! The FUSE daemon `s4db-mount`, mounted for real (/dev/fuse, fusermount3) over a moto S3
+//! server, used through ordinary programs (cat, cp, rsync, tar, sed, dd, ...) and checked
+//! against the real Python `s4db` package.
+//!
+//! Every test mounts its own database on its own temp dirs. A failing test never leaves a
+//! mount or a daemon behind ([`Mount`]'s Drop detaches the mount and kills the daemon).
+//! A missing /dev/fuse, fusermount3 or rsync is a failure, never a skip.
+
+mod common;
+
+use common::{noise, Moto, Py, PyValue};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value as Json};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io::{ErrorKind, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// How long a daemon may take to show its mount, or to fail.
+const MOUNT_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a daemon may take to exit after an unmount (it uploads pending writes first).
+const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a background upload (`--upload-delay`, daemon-mode unmount) may take to show.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+/// A shell command still running after this long is stuck on a hung FUSE request.
+const COMMAND_TIMEOUT_SECS: &str = "60";
+/// Bytes that are not UTF-8 (0xff never appears in UTF-8), with NULs and a newline.
+const BINARY: &[u8] = b"\x00\x01\xffbinary\xfe\x00\n";
+/// Where a daemon's stdout and stderr go, in its mount's temp root.
+const DAEMON_OUT: &str = "daemon.out";
+/// The unprivileged user of the allow-other test (created when missing).
+const OTHER_USER: &str = "s4dbtest";
+
+/// Relative path -> file content: a directory tree, a database, or a model of either.
+type Tree = BTreeMap<String, Vec<u8>>;
+
+// ------------------------------------------------------------------ tools
+
+/// The daemon under test: cargo's path once the crate declares the binary, else the
+/// sibling of this test executable (`target/debug/s4db-mount`), so that the tests
+/// compile before the binary exists.
+fn daemon_bin() -> PathBuf {
+    let path = match option_env!("CARGO_BIN_EXE_s4db-mount") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let exe = std::env::current_exe().expect("current_exe");
+            // target/debug/deps/mount-HASH -> target/debug/s4db-mount
+            let debug = exe.parent().and_then(Path::parent).expect("target dir");
+            debug.join("s4db-mount")
+        }
+    };
+    assert!(
+        path.exists(),
+        "{} does not exist: build it with `cargo build --bin s4db-mount`",
+        path.display()
+    );
+    path
+}
+
+/// FUSE must work here: no /dev/fuse or no fusermount3 fails the test, loudly.
+fn require_fuse() {
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: the mount tests need FUSE \
+         (in a container: --device /dev/fuse --cap-add SYS_ADMIN)"
+    );
+    require_program("fusermount3", "fuse3");
+}
+
+/// Panics unless `program` runs; names the Debian package to install.
+fn require_program(program: &str, package: &str) {
+    let ran = Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    assert!(
+        ran.is_ok(),
+        "{program} is not installed: `apt-get install {package}` (scripts/test.sh does)"
+    );
+}
+
+/// `fusermount3 FLAGS MOUNTPOINT`.
+fn fusermount(flag: &str, mnt: &Path) -> std::process::Output {
+    Command::new("fusermount3")
+        .arg(flag)
+        .arg(mnt)
+        .env("LC_ALL", "C")
+        .output()
+        .expect("run fusermount3")
+}
+
+/// Whether `/proc/self/mountinfo` lists `mnt` as a mount point.
+fn is_mounted(mnt: &Path) -> bool {
+    let info = fs::read_to_string("/proc/self/mountinfo").expect("read /proc/self/mountinfo");
+    let want = mnt.as_os_str().as_bytes();
+    info.lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .any(|field| unescape_mountinfo(field) == want)
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, ...).
+fn unescape_mountinfo(field: &str) -> Vec<u8> {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(u8::is_ascii_digit));
+        match octal {
+            Some(d) if b[i] == b'\\' => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            _ => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// Waits up to `timeout` for `child` to exit.
+fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Pids of running `s4db-mount` processes with `mnt` among their arguments: how a
+/// daemonized (not our child) daemon is found, to wait for it or clean it up.
+fn daemon_pids(mnt: &Path) -> Vec<i32> {
+    let want = mnt.as_os_str().as_bytes();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let exe = fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            // "s4db-mount (deleted)" once the binary is rebuilt under a running daemon.
+            let name = exe.file_name().unwrap_or_default().as_bytes();
+            name.starts_with(b"s4db-mount")
+                && cmdline.split(|&b| b == 0).any(|arg| arg == want)
+                && !is_zombie(*pid)
+        })
+        .collect()
+}
+
+/// A process that has exited but was not reaped yet (our daemonized daemon's reaper is
+/// not us) counts as gone.
+fn is_zombie(pid: i32) -> bool {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // "pid (comm) S ...": the state follows the last ')'.
+    match stat.rfind(')') {
+        Some(i) => stat[i + 1..].trim_start().starts_with(['Z', 'X']),
+        None => true,
+    }
+}
+
+fn tempdir(what: &str) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("s4db-mount-test-{what}-"))
+        .tempdir_in("/tmp")
+        .expect("create temp dir");
+    // Traversable by everyone: the allow-other test reads through it as another user.
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod temp dir");
+    dir
+}
+
+/// Single-quotes `p` for `sh`.
+fn q(p: &Path) -> String {
+    let s = p.to_str().expect("UTF-8 path");
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+// ------------------------------------------------------------------ shell
+
+/// What one shell command did.
+struct Sh {
+    script: String,
+    code: Option<i32>,
+    stdout: Vec<u8>,
+    stderr: String,
+}
+
+impl std::fmt::Debug for Sh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let code = match self.code {
+            Some(124) => "124 (timed out: a hung FUSE request?)".to_string(),
+            Some(c) => c.to_string(),
+            None => "killed by a signal".to_string(),
+        };
+        let stdout = String::from_utf8_lossy(&self.stdout);
+        let shown: String = stdout.chars().take(2000).collect();
+        write!(
+            f,
+            "`{}`: exit {code}\n--- stdout ---\n{shown}\n--- stderr ---\n{}",
+            self.script, self.stderr
+        )
+    }
+}
+
+impl Sh {
+    /// Asserts exit 0.
+    #[track_caller]
+    fn ok(self) -> Sh {
+        assert_eq!(self.code, Some(0), "command failed: {self:?}");
+        self
+    }
+
+    /// Asserts a failure whose stderr contains one of `any_of` (errno texts, e.g.
+    /// "Read-only file system").
+    #[track_caller]
+    fn fails_with(self, any_of: &[&str]) -> Sh {
+        assert!(
+            self.code != Some(0) && any_of.iter().any(|m| self.stderr.contains(m)),
+            "expected a failure with one of {any_of:?}: {self:?}"
+        );
+        self
+    }
+
+    /// Asserts a non-zero exit (any errno).
+    #[track_caller]
+    fn fails(self) -> Sh {
+        assert!(self.code != Some(0), "expected a failure: {self:?}");
+        self
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8(self.stdout.clone()).expect("stdout is UTF-8")
+    }
+}
+
+/// `sh -ec SCRIPT` in `dir` with C-locale messages, killed after [`COMMAND_TIMEOUT_SECS`].
+fn sh_in(dir: &Path, script: &str) -> Sh {
+    let out = Command::new("timeout")
+        .args(["-k", "5", COMMAND_TIMEOUT_SECS, "sh", "-ec", script])
+        .current_dir(dir)
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run sh");
+    Sh {
+        script: script.to_string(),
+        code: out.status.code(),
+        stdout: out.stdout,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+// ------------------------------------------------------------------ trees
+
+fn tree(items: &[(&str, &[u8])]) -> Tree {
+    items
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_vec()))
+        .collect()
+}
+
+/// Every regular file under `dir` by relative path (`.s4db` at the top is skipped).
+fn read_tree(dir: &Path) -> Tree {
+    fn walk(base: &Path, dir: &Path, out: &mut Tree) {
+        for entry in fs::read_dir(dir).unwrap_or_else(|e| panic!("read_dir {dir:?}: {e}")) {
+            let entry = entry.expect("dir entry");
+            let path = entry.path();
+            let rel = path
+                .strip_prefix(base)
+                .unwrap()
+                .to_str()
+                .expect("UTF-8 name");
+            if rel == ".s4db" {
+                continue;
+            }
+            let kind = entry.file_type().expect("file type");
+            if kind.is_dir() {
+                walk(base, &path, out);
+            } else {
+                let data = fs::read(&path).unwrap_or_else(|e| panic!("read {path:?}: {e}"));
+                out.insert(rel.to_string(), data);
+            }
+        }
+    }
+    let mut out = Tree::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+fn write_tree(dir: &Path, tree: &Tree) {
+    for (rel, data) in tree {
+        let path = dir.join(rel);
+        fs::create_dir_all(path.parent().unwrap()).expect("create parent dirs");
+        fs::write(&path, data).unwrap_or_else(|e| panic!("write {path:?}: {e}"));
+    }
+}
+
+/// The tree with every path under `prefix/`.
+fn prefixed(prefix: &str, tree: &Tree) -> Tree {
+    tree.iter()
+        .map(|(k, v)| (format!("{prefix}/{k}"), v.clone()))
+        .collect()
+}
+
+/// How a value comes back from Python: `str` if it is UTF-8, else `bytes`.
+fn py_value(data: &[u8]) -> PyValue {
+    match std::str::from_utf8(data) {
+        Ok(s) => PyValue::Text(s.to_string()),
+        Err(_) => PyValue::Bytes(data.to_vec()),
+    }
+}
+
+fn as_py(tree: &Tree) -> BTreeMap<String, PyValue> {
+    tree.iter().map(|(k, v)| (k.clone(), py_value(v))).collect()
+}
+
+/// The kinds of files people keep: text, binary, empty, deep, large, unicode, spaces.
+fn sample_tree() -> Tree {
+    let mut t = tree(&[
+        ("README.txt", b"hello\n"),
+        ("bin/blob.bin", BINARY),
+        ("empty", b""),
+        ("a/b/c/deep.txt", b"deep\n"),
+        ("unicode/\u{65e5}\u{672c}.txt", "\u{5024}\n".as_bytes()),
+        ("spaces in name.txt", b"x"),
+    ]);
+    t.insert("big.bin".into(), noise(300_000));
+    t
+}
+
+// --------------------------------------------------------------------- db
+
+/// One database (bucket + prefix `db/`) on the shared moto server, addressed the same
+/// way by the daemon and by the Python tool.
+struct Db {
+    moto: &'static Moto,
+    bucket: String,
+    prefix: String,
+}
+
+impl Db {
+    fn new() -> Db {
+        let moto = Moto::shared();
+        Db {
+            moto,
+            bucket: moto.unique_bucket(),
+            prefix: "db/".into(),
+        }
+    }
+
+    /// A database whose bucket does not exist.
+    fn in_missing_bucket() -> Db {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        Db {
+            moto: Moto::shared(),
+            bucket: format!("no-such-bucket-{n}-{}", std::process::id()),
+            prefix: "db/".into(),
+        }
+    }
+
+    /// `BUCKET/db`: the daemon's positional argument.
+    fn spec(&self) -> String {
+        format!("{}/{}", self.bucket, self.prefix.trim_end_matches('/'))
+    }
+
+    /// Runs `s4db_tool.py --bucket B --prefix P ARGS` under `py`.
+    fn tool(&self, py: &Py, args: &[&str], stdin: &[u8]) -> Json {
+        let mut all = vec![
+            "--bucket",
+            self.bucket.as_str(),
+            "--prefix",
+            self.prefix.as_str(),
+        ];
+        all.extend_from_slice(args);
+        py.run(self.moto, &all, stdin)
+    }
+
+    /// `py` puts `items` (UTF-8 as `str`, else `bytes`) and uploads.
+    fn py_put_with(&self, py: &Py, items: &Tree) {
+        let items: serde_json::Map<String, Json> = items
+            .iter()
+            .map(|(k, v)| (k.clone(), py_value(v).to_json()))
+            .collect();
+        let ops = json!([{ "op": "put", "items": items }, { "op": "upload" }]);
+        self.tool(py, &["apply"], ops.to_string().as_bytes());
+    }
+
+    /// Python 0.10.0 puts `items` and uploads.
+    fn py_put(&self, items: &Tree) {
+        self.py_put_with(&Py::v10(), items);
+    }
+
+    /// Python 0.10.0's view: every key with its value as `str` or `bytes`.
+    fn py_values(&self) -> BTreeMap<String, PyValue> {
+        let dump = self.tool(&Py::v10(), &["dump"], b"");
+        dump["values"]
+            .as_object()
+            .expect("dump values")
+            .iter()
+            .map(|(k, v)| (k.clone(), PyValue::from_json(v).expect("a value")))
+            .collect()
+    }
+
+    /// Asserts Python 0.10.0 sees exactly `expected` (values and their text/bytes kind).
+    #[track_caller]
+    fn assert_python_sees(&self, expected: &Tree) {
+        assert_eq!(self.py_values(), as_py(expected), "Python's view of the db");
+    }
+
+    /// Polls Python until it sees exactly `expected`, for up to [`PUBLISH_TIMEOUT`].
+    #[track_caller]
+    fn wait_python_sees(&self, expected: &Tree) {
+        let deadline = Instant::now() + PUBLISH_TIMEOUT;
+        let want = as_py(expected);
+        loop {
+            let got = self.py_values();
+            if got == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "Python still does not see the writes after {PUBLISH_TIMEOUT:?}:\n\
+                 got {got:?}\nwant {want:?}"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    /// Names of the objects under the prefix.
+    fn objects(&self) -> Vec<String> {
+        serde_json::from_value(self.tool(&Py::v10(), &["files"], b"")).expect("file list")
+    }
+
+    fn data_objects(&self) -> Vec<String> {
+        self.objects()
+            .into_iter()
+            .filter(|n| n.starts_with("data_") && n.ends_with(".s4db"))
+            .collect()
+    }
+
+    fn get_object(&self, name: &str) -> Vec<u8> {
+        let got = self.tool(&Py::v10(), &["get-object", name], b"");
+        match PyValue::from_json(&got) {
+            Some(PyValue::Bytes(b)) => b,
+            other => panic!("object {name}: {other:?}"),
+        }
+    }
+
+    fn put_object(&self, name: &str, data: &[u8]) {
+        let doc = PyValue::Bytes(data.to_vec()).to_json().to_string();
+        self.tool(&Py::v10(), &["put-object", name], doc.as_bytes());
+    }
+
+    fn delete_object(&self, name: &str) {
+        self.tool(&Py::v10(), &["delete-object", name], b"");
+    }
+}
+
+/// The byte range of `key`'s (stored, compressed) value in a data file, found by
+/// walking its entries (FORMAT.md: 9-byte header, then
+/// `flags u8 | key_len u32 | value_len u32 | key | value | crc u32`).
+fn value_range(data: &[u8], key: &str) -> std::ops::Range<usize> {
+    let be32 = |at: usize| u32::from_be_bytes(data[at..at + 4].try_into().unwrap()) as usize;
+    let mut pos = 9;
+    while pos + 13 <= data.len() {
+        let (key_len, value_len) = (be32(pos + 1), be32(pos + 5));
+        let key_start = pos + 9;
+        let value_start = key_start + key_len;
+        if &data[key_start..value_start] == key.as_bytes() {
+            return value_start..value_start + value_len;
+        }
+        pos = value_start + value_len + 4;
+    }
+    panic!("key {key:?} not found in the data file");
+}
+
+// ------------------------------------------------------------------ mount
+
+/// A daemon about to be started: its own temp root (mode 0755) holding the mount point
+/// `mnt/`, the default local dir `local/` and the daemon's output ([`DAEMON_OUT`]).
+struct Launch<'a> {
+    db: &'a Db,
+    root: tempfile::TempDir,
+    mnt: PathBuf,
+    local_dir: PathBuf,
+    args: Vec<String>,
+}
+
+/// How the daemon process is known: our child (`-f`), or found by its arguments after
+/// it daemonized.
+enum Daemon {
+    Child(Child),
+    Detached,
+}
+
+/// A mounted `s4db-mount`. Drop detaches the mount (`fusermount3 -uz`) and kills the
+/// daemon, so a failing test leaves nothing behind; [`Mount::unmount`] is the clean way.
+struct Mount {
+    root: tempfile::TempDir,
+    mnt: PathBuf,
+    local_dir: PathBuf,
+    daemon: Daemon,
+}
+
+impl Mount {
+    /// A daemon for `db` with fresh temp dirs, to configure and start.
+    fn on(db: &Db) -> Launch<'_> {
+        require_fuse();
+        let root = tempdir("root");
+        // Canonical: that is how /proc/self/mountinfo will name it.
+        let base = fs::canonicalize(root.path()).expect("canonicalize temp dir");
+        let (mnt, local_dir) = (base.join("mnt"), base.join("local"));
+        fs::create_dir(&mnt).expect("create mount point");
+        fs::create_dir(&local_dir).expect("create local dir");
+        Launch {
+            db,
+            root,
+            mnt,
+            local_dir,
+            args: Vec::new(),
+        }
+    }
+}
+
+impl Launch<'_> {
+    fn args(mut self, args: &[&str]) -> Self {
+        self.args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// Uses `dir` (e.g. one that outlives this mount) instead of the fresh local dir.
+    fn local_dir(mut self, dir: &Path) -> Self {
+        self.local_dir = dir.to_path_buf();
+        self
+    }
+
+    /// Mounts on `path` instead of the fresh empty directory.
+    fn mountpoint(mut self, path: &Path) -> Self {
+        self.mnt = path.to_path_buf();
+        self
+    }
+
+    fn output_path(&self) -> PathBuf {
+        self.root.path().join(DAEMON_OUT)
+    }
+
+    /// Starts the daemon (`-f` or not), its stdout and stderr going to `daemon.out`.
+    fn spawn(&self, foreground: bool) -> Child {
+        let out = fs::File::create(self.output_path()).expect("create daemon.out");
+        let err = out.try_clone().expect("dup daemon.out");
+        let mut cmd = Command::new(daemon_bin());
+        common::command_env(&mut cmd, self.db.moto);
+        cmd.env_remove("S4DB_LOCAL_STORE")
+            .env("XDG_CACHE_HOME", self.root.path().join("xdg-cache"))
+            .env("LC_ALL", "C")
+            .args(["--endpoint-url", &self.db.moto.endpoint])
+            .args(["--region", common::REGION, "--force-path-style"])
+            .arg("--local-dir")
+            .arg(&self.local_dir)
+            .args(&self.args);
+        if foreground {
+            cmd.arg("-f");
+        }
+        cmd.arg(self.db.spec())
+            .arg(&self.mnt)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        common::spawn_tied_to_process(cmd).expect("spawn s4db-mount")
+    }
+
+    fn into_mount(self, daemon: Daemon) -> Mount {
+        Mount {
+            root: self.root,
+            mnt: self.mnt,
+            local_dir: self.local_dir,
+            daemon,
+        }
+    }
+
+    /// `s4db-mount -f`, returned once `/proc/self/mountinfo` lists the mount.
+    #[track_caller]
+    fn start(self) -> Mount {
+        let child = self.spawn(true);
+        let mut mount = self.into_mount(Daemon::Child(child));
+        let deadline = Instant::now() + MOUNT_TIMEOUT;
+        while !is_mounted(&mount.mnt) {
+            if let Daemon::Child(child) = &mut mount.daemon {
+                if let Some(status) = child.try_wait().expect("try_wait") {
+                    panic!(
+                        "s4db-mount exited ({status}) before mounting:\n{}",
+                        mount.output()
+                    );
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not mounted after {MOUNT_TIMEOUT:?}; daemon output:\n{}",
+                mount.output()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        mount
+    }
+
+    /// `s4db-mount` without `-f`: it must exit 0, and only once the mount is ready
+    /// (checked right away, without waiting).
+    #[track_caller]
+    fn start_daemonized(self) -> Mount {
+        let mut launcher = self.spawn(false);
+        let status = wait_timeout(&mut launcher, MOUNT_TIMEOUT);
+        let mount = self.into_mount(Daemon::Detached);
+        let Some(status) = status else {
+            let _ = launcher.kill();
+            panic!(
+                "s4db-mount (daemon mode) still running after {MOUNT_TIMEOUT:?}:\n{}",
+                mount.output()
+            );
+        };
+        assert!(
+            status.success(),
+            "s4db-mount (daemon mode) failed ({status}):\n{}",
+            mount.output()
+        );
+        assert!(
+            is_mounted(&mount.mnt),
+            "s4db-mount returned 0 but the mount is not there yet:\n{}",
+            mount.output()
+        );
+        mount
+    }
+
+    /// Runs the daemon expecting it to fail to mount: asserts a non-zero exit within
+    /// [`MOUNT_TIMEOUT`] with nothing left mounted, and returns its output.
+    #[track_caller]
+    fn run_to_failure(self, foreground: bool) -> String {
+        let mut child = self.spawn(foreground);
+        let status = wait_timeout(&mut child, MOUNT_TIMEOUT);
+        let mnt = self.mnt.clone();
+        let mount = self.into_mount(Daemon::Child(child));
+        let output = mount.output();
+        let mode = if foreground { "-f" } else { "daemon mode" };
+        match status {
+            None => panic!("s4db-mount ({mode}) did not exit; expected a failure:\n{output}"),
+            Some(s) => assert!(
+                !s.success(),
+                "s4db-mount ({mode}) exited 0; expected a failure:\n{output}"
+            ),
+        }
+        assert!(
+            !is_mounted(&mnt),
+            "s4db-mount ({mode}) failed but left {mnt:?} mounted"
+        );
+        assert!(
+            daemon_pids(&mnt).is_empty(),
+            "s4db-mount ({mode}) failed but a daemon is still running"
+        );
+        output
+    }
+}
+
+impl Mount {
+    /// The daemon's captured stdout and stderr (plus its log file in daemon mode).
+    fn output(&self) -> String {
+        let captured = fs::read_to_string(self.root.path().join(DAEMON_OUT));
+        let mut text = captured.unwrap_or_default();
+        if let Ok(log) = fs::read_to_string(self.local_dir.join("s4db-mount.log")) {
+            text.push_str("\n--- s4db-mount.log ---\n");
+            text.push_str(&log);
+        }
+        let start = text.len().saturating_sub(8192);
+        let start = (start..text.len())
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(0);
+        text[start..].to_string()
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    /// `sh -ec SCRIPT` with the mount point as the working directory.
+    fn sh(&self, script: &str) -> Sh {
+        sh_in(&self.mnt, script)
+    }
+
+    #[track_caller]
+    fn read(&self, rel: &str) -> Vec<u8> {
+        fs::read(self.path(rel)).unwrap_or_else(|e| panic!("read {rel} through the mount: {e}"))
+    }
+
+    /// Every file the mount shows, by path.
+    fn tree(&self) -> Tree {
+        read_tree(&self.mnt)
+    }
+
+    /// Runs a control operation: `echo > .s4db/OP`.
+    fn control(&self, op: &str) -> Sh {
+        self.sh(&format!("echo > .s4db/{op}"))
+    }
+
+    #[track_caller]
+    fn upload(&self) {
+        self.control("upload").ok();
+    }
+
+    #[track_caller]
+    fn stats(&self) -> Json {
+        let text = fs::read_to_string(self.path(".s4db/stats")).expect("read .s4db/stats");
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!(".s4db/stats is not JSON ({e}):\n{text}"))
+    }
+
+    fn last_error(&self) -> String {
+        fs::read_to_string(self.path(".s4db/last_error")).expect("read .s4db/last_error")
+    }
+
+    /// `fusermount3 -u`, then the daemon must exit 0 (after uploading pending writes).
+    #[track_caller]
+    fn unmount(mut self) {
+        let out = fusermount("-u", &self.mnt);
+        assert!(
+            out.status.success(),
+            "fusermount3 -u {:?}: {}\ndaemon output:\n{}",
+            self.mnt,
+            String::from_utf8_lossy(&out.stderr),
+            self.output()
+        );
+        match &mut self.daemon {
+            Daemon::Child(child) => {
+                let Some(status) = wait_timeout(child, EXIT_TIMEOUT) else {
+                    panic!(
+                        "s4db-mount still running {EXIT_TIMEOUT:?} after the unmount:\n{}",
+                        self.output()
+                    )
+                };
+                assert!(
+                    status.success(),
+                    "s4db-mount exited with {status} after the unmount:\n{}",
+                    self.output()
+                );
+            }
+            Daemon::Detached => {
+                let deadline = Instant::now() + EXIT_TIMEOUT;
+                while !daemon_pids(&self.mnt).is_empty() {
+                    assert!(
+                        Instant::now() < deadline,
+                        "the daemon is still running {EXIT_TIMEOUT:?} after the unmount:\n{}",
+                        self.output()
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+
+    /// A crash: SIGKILL to the daemon, then the dead mount is detached.
+    fn kill9(mut self) {
+        if let Daemon::Child(child) = &mut self.daemon {
+            child.kill().expect("kill -9 s4db-mount");
+            child.wait().expect("wait for s4db-mount");
+        }
+        let _ = fusermount("-uz", &self.mnt);
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if is_mounted(&self.mnt) {
+            let _ = fusermount("-uz", &self.mnt);
+        }
+        match &mut self.daemon {
+            Daemon::Child(child) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            Daemon::Detached => {
+                for pid in daemon_pids(&self.mnt) {
+                    // SAFETY: kill(2) on a pid just found serving this test's mount point.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        // `root` (a TempDir) is removed after this, with the mount already detached.
+    }
+}
+
+// ======================================================= 1. everyday programs
+
+#[test]
+fn cat_ls_stat_find_grep_du_show_python_values() {
+    let db = Db::new();
+    let mut values = tree(&[
+        ("hello.txt", b"hello world\n"),
+        ("bin.dat", BINARY),
+        ("empty", b""),
+        ("a/b/c.txt", b"nested needle\n"),
+        ("a/d.txt", b"other\n"),
+    ]);
+    values.insert("big".into(), noise(200_000));
+    db.py_put(&values);
+    let m = Mount::on(&db).start();
+
+    for (key, value) in &values {
+        let cat = m.sh(&format!("cat {key}")).ok();
+        assert_eq!(&cat.stdout, value, "cat {key}");
+    }
+
+    // ls -l: the exact value length for files; keys with '/' are directories.
+    let ls = m.sh("ls -ln").ok().text();
+    let mut listed: BTreeMap<String, (char, u64)> = BTreeMap::new();
+    for line in ls.lines().skip(1) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let kind = fields[0].chars().next().unwrap();
+        let size = fields[4].parse().expect("ls size");
+        listed.insert(fields[8].to_string(), (kind, size));
+    }
+    let dir = listed.remove("a").map(|(kind, _)| kind);
+    assert_eq!(dir, Some('d'), "ls -ln:\n{ls}");
+    let files: BTreeMap<String, (char, u64)> = values
+        .iter()
+        .filter(|(k, _)| !k.contains('/'))
+        .map(|(k, v)| (k.clone(), ('-', v.len() as u64)))
+        .collect();
+    assert_eq!(listed, files, "ls -ln:\n{ls}");
+
+    let stat = m.sh("stat -c '%s %F %a' hello.txt a/b/c.txt").ok();
+    assert_eq!(
+        stat.text(),
+        "12 regular file 644\n14 regular file 644\n",
+        "stat of files"
+    );
+    let stat = m.sh("stat -c '%F %a' a a/b").ok();
+    assert_eq!(stat.text(), "directory 755\ndirectory 755\n");
+
+    let find = m
+        .sh("find . -path ./.s4db -prune -o -type f -print | sort")
+        .ok();
+    let want: String = values.keys().map(|k| format!("./{k}\n")).collect();
+    assert_eq!(find.text(), want, "find");
+
+    let grep = m.sh("grep -rl --exclude-dir=.s4db needle .").ok();
+    assert_eq!(grep.text(), "./a/b/c.txt\n");
+
+    // du: apparent sizes are the value lengths; disk usage is not zero for data.
+    let du = m.sh("du -ab a/b/c.txt big").ok();
+    assert_eq!(du.text(), "14\ta/b/c.txt\n200000\tbig\n");
+    let blocks = m.sh("du -B1 big").ok().text();
+    let used: u64 = blocks
+        .split('\t')
+        .next()
+        .unwrap()
+        .parse()
+        .expect("du number");
+    assert!(used >= 200_000, "du -B1 big reports {used} bytes used");
+    m.unmount();
+}
+
+#[test]
+fn cp_rsync_and_tar_copy_trees_in_and_out_exactly() {
+    require_program("rsync", "rsync");
+    let db = Db::new();
+    let src_dir = tempdir("src");
+    let src = src_dir.path().join("src");
+    let files = sample_tree();
+    write_tree(&src, &files);
+    fs::create_dir(src.join("empty-dir")).unwrap();
+    let m = Mount::on(&db).args(&["--upload-delay", "never"]).start();
+    let (src_q, out_q) = (q(&src), q(&src_dir.path().join("out")));
+
+    m.sh(&format!("cp -a {src_q} cp && diff -r {src_q} cp"))
+        .ok();
+    m.sh(&format!("cp -a cp {out_q} && diff -r {src_q} {out_q}"))
+        .ok();
+    m.sh(&format!(
+        "rsync -a {src_q}/ rsync/ && diff -r {src_q} rsync"
+    ))
+    .ok();
+    let archive = q(&src_dir.path().join("src.tar"));
+    sh_in(src_dir.path(), &format!("tar cf {archive} -C {src_q} .")).ok();
+    m.sh(&format!(
+        "mkdir tar && tar xf {archive} -C tar && diff -r {src_q} tar"
+    ))
+    .ok();
+
+    // Only the files themselves became keys: no rsync temp files, no leftovers.
+    let mut expected = Tree::new();
+    for dir in ["cp", "rsync", "tar"] {
+        expected.extend(prefixed(dir, &files));
+    }
+    assert_eq!(m.tree(), expected, "the mount's files");
+    m.upload();
+    db.assert_python_sees(&expected);
+    m.unmount();
+}
+
+#[test]
+fn mv_rm_mkdir_rmdir_change_keys() {
+    let db = Db::new();
+    db.py_put(&tree(&[
+        ("keep", b"keep\n"),
+        ("old", b"old\n"),
+        ("dir/a", b"a\n"),
+        ("dir/sub/b", b"b\n"),
+    ]));
+    let m = Mount::on(&db).args(&["--upload-delay", "never"]).start();
+
+    m.sh("mv old new && test ! -e old && cat new").ok();
+    m.sh("mv dir moved && test ! -e dir && test -d moved/sub")
+        .ok();
+    m.sh(
+        "mkdir -p empty/inner && test -d empty/inner && rmdir empty/inner empty && test ! -e empty",
+    )
+    .ok();
+    m.sh("mkdir made && echo made > made/f").ok();
+    m.sh("rm -r moved/sub && test ! -e moved/sub").ok();
+    m.sh("echo 1 > x && echo 2 > y && mv x y && test ! -e x")
+        .ok();
+    m.sh("rmdir moved").fails_with(&["Directory not empty"]);
+    m.sh("rm no-such-file").fails_with(&["No such file"]);
+    m.sh("mkdir made").fails_with(&["File exists"]);
+
+    let expected = tree(&[
+        ("keep", b"keep\n"),
+        ("new", b"old\n"),
+        ("moved/a", b"a\n"),
+        ("made/f", b"made\n"),
+        ("y", b"1\n"),
+    ]);
+    assert_eq!(m.tree(), expected);
+    m.upload();
+    db.assert_python_sees(&expected);
+    m.unmount();
+}
+
+#[test]
+fn renaming_a_directory_moves_every_key_intact() {
+    let db = Db::new();
+    let inside = tree(&[("a", b"a\n"), ("b", BINARY), ("sub/c", b"c\n")]);
+    db.py_put(&prefixed("python", &inside));
+    let m = Mount::on(&db).args(&["--upload-delay", "never"]).start();
+    write_tree(&m.path("mine"), &inside);
+
+    m.sh("mv python python2 && mv mine mine2").ok();
+    let mut expected = prefixed("python2", &inside);
+    expected.extend(prefixed("mine2", &inside));
+    assert_eq!(m.tree(), expected, "the mount's view after the renames");
+    m.upload();
+    db.assert_python_sees(&expected);
+    m.unmount();
+}
+
+#[test]
+fn sed_append_dd_and_truncate_edit_in_place() {
+    let db = Db::new();
+    // A value only in S3 (empty local dir): the edits must start from its bytes.
+    db.py_put(&tree(&[("remote", b"0123456789")]));
+    let m = Mount::on(&db).args(&["--upload-delay", "never"]).start();
+
+    m.sh("printf 'alpha\\nbeta\\n' > f && sed -i s/beta/gamma/ f")
+        .ok();
+    m.sh("echo more >> f").ok();
+    m.sh("printf XY | dd of=remote bs=1 seek=3 conv=notrunc status=none")
+        .ok();
+    m.sh("echo tail >> remote").ok();
+    m.sh("printf 0123456789 > g && printf AB | dd of=g bs=1 seek=12 conv=notrunc status=none")
+        .ok();
+    m.sh("printf 0123456789 > shrink && truncate -s 4 shrink")
+        .ok();
+    m.sh("printf 0123 > grow && truncate -s 6 grow").ok();
+
+    let expected = tree(&[
+        ("f", b"alpha\ngamma\nmore\n"),
+        ("remote", b"012XY56789tail\n"),
+        ("g", b"0123456789\0\0AB"),
+        ("shrink", b"0123"),
+        ("grow", b"0123\0\0"),
+    ]);
+    let sizes = m.sh("stat -c '%n %s' f g grow remote shrink").ok();
+    let want: String = ["f", "g", "grow", "remote", "shrink"]
+        .iter()
+        .map(|k| format!("{k} {}\n", expected[*k].len()))
+        .collect();
+    assert_eq!(sizes.text(), want, "sizes after the edits");
+    assert_eq!(m.tree(), expected);
+    m.upload();
+    db.assert_python_sees(&expected);
+    m.unmount();
+}
+
+// ============================================== 2. Python compatibility
+
+#[test]
+fn files_written_through_the_mount_are_python_values_after_upload() {
+    let db = Db::new();
+    let m = Mount::on(&db).args(&["--upload-delay", "never"]).start();
+    let mut files = sample_tree();
+    files.insert("text/utf8.txt".into(), "\u{e9}t\u{e9} \u{2713}\n".into());
+    files.insert("nul-is-utf8".into(), b"a\0b".to_vec());
+    write_tree(&m.mnt, &files);
+
+    assert_eq!(db.py_values(), BTreeMap::new(), "nothing before the upload");
+    m.upload();
+    db.assert_python_sees(&files);
+    m.unmount();
+}
+
+#[test]
+fn unmappable_python_keys_are_hidden_listed_and_never_touched() {
+    let db = Db::new();
+    let long = format!("long/{}", "L".repeat(300));
+    let unmappable: Tree = [
+        "a//b",
+        "x/",
+        "./y",
+        "../z",
+        "/lead",
+        "",
+        long.as_str(),
+        ".s4db/k",
+        "d",
+        "dir//hidden",
+        "dir/./dot",
+        "gone//h",
+    ]
+    .iter()
+    .map(|k| (k.to_string(), format!("value of {k:?}").into_bytes()))
+    .collect();
+    let mappable = tree(&[
+        ("plain", b"plain\n"),
+        ("dir/nested", b"nested\n"),
+        ("d/e", b"e\n"),
+        ("gone/file", b"f\n"),
+    ]);
+    let mut all = unmappable.clone();
+    all.extend(mappable.clone());
+    db.py_put(&all);
+    let m = Mount::on(&db).args(&["--upload-delay", "never"]).start();
+
+    let listed: BTreeSet<String> = m
+        .sh("cat .s4db/unmapped")
+        .ok()
+        .text()
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    let want: BTreeSet<String> = unmappable.keys().cloned().collect();
+    assert_eq!(listed, want, ".s4db/unmapped");
+    assert_eq!(m.tree(), mappable, "only the mappable keys are files");
+
+    // Renames and writes around (and over the prefixes of) hidden keys.
+    m.sh("mv plain renamed").ok();
+    m.sh("mv dir dir2").ok();
+    m.sh("echo new > new && mkdir -p x && echo f > x/file").ok();
+    m.upload();
+    let mut expected = unmappable;
+    expected.extend(tree(&[
+        ("renamed", b"plain\n"),
+        ("dir2/nested", b"nested\n"),
+        ("d/e", b"e\n"),
+        ("gone/file", b"f\n"),
+        ("new", b"new\n"),
+        ("x/file", b"f\n"),
+    ]));
+    db.assert_python_sees(&expected);
+
+    // Hidden keys are not shown, not even as directories they would imply.
+    assert_eq!(
+        top_level_names(&m.mnt),
+        ["d", "dir2", "gone", "new", "renamed", "x"]
+            .map(String::from)
+            .into(),
+        "the mount root (without .s4db)"
+    );
+    // Removing a directory leaves the hidden keys under its name alone.
+    m.sh("rm -r gone && test ! -e gone").ok();
+    m.upload();
+    expected.remove("gone/file");
+    db.assert_python_sees(&expected);
+    m.unmount();
+    db.assert_python_sees(&expected);
+}
+
+/// The names in `dir`, without `.s4db`.
+fn top_level_names(dir: &Path) -> BTreeSet<String> {
+    fs::read_dir(dir)
+        .expect("read_dir")
+        .map(|e| {
+            e.expect("dir entry")
+                .file_name()
+                .into_string()
+                .expect("UTF-8")
+        })
+        .filter(|n| n != ".s4db")
+        .collect()
+}
+
+#[test]
+fn a_format_1_database_from_python_0_8_mounts_and_takes_writes() {
+    let db = Db::new();
+    let py08 = Py::v08();
+    assert_eq!(db.tool(&py08, &["version"], b"")["format"], 1);
+    let written = tree(&[("one", b"1\n"), ("dir/two", b"2\n")]);
+    db.py_put_with(&py08, &written);
+    let m = Mount::on(&db).args(&["--upload-delay", "never"]).start();
+
+    assert_eq!(m.tree(), written, "0.8.0's keys through the mount");
+    m.sh("echo uno > one && printf 'tres\\377' > dir/three")
+        .ok();
+    m.upload();
+    m.unmount();
+    db.assert_python_sees(&tree(&[
+        ("one", b"uno\n"),
+        ("dir/two", b"2\n"),
+        ("dir/three", b"tres\xff"),
+    ]));
+}
+
+// ======================================================= 3. publishing
+
+#[test]
+fn unmount_publishes_pending_writes() {
+    let db = Db::new();
+    let m = Mount::on(&db).args(&["--upload-delay", "never"]).start();
+    m.sh("echo a > a && mkdir d && printf '\\377' > d/b").ok();
+    assert_eq!(
+        db.py_values(),
+        BTreeMap::new(),
+        "not published before the unmount"
+    );
+    m.unmount();
+    db.assert_python_sees(&tree(&[("a", b"a\n"), ("d/b", b"\xff")]));
+}
+
+#[test]
+fn upload_delay_publishes_without_any_action() {
+    let db = Db::new();
+    let m = Mount::on(&db).args(&["--upload-delay", "0.2"]).start();
+    m.sh("echo a > a && echo b > b && rm b && echo c > c").ok();
+    db.wait_python_sees(&tree(&[("a", b"a\n"), ("c", b"c\n")]));
+    m.unmount();
+}
+
+// ======================================================= 4. read-only
+
+#[test]
+fn a_read_only_mount_refuses_every_write_with_erofs() {
+    let db = Db::new();
+    let values = tree(&[("file", b"content\n"), ("dir/inner", b"x")]);
+    db.py_put(&values);
+    for options in [&["--read-only"][..], &["-o", "ro"][..]] {
+        let m = Mount::on(&db).args(options).start();
+        assert_eq!(m.tree(), values, "reads work ({options:?})");
+        for write in [
+            "echo x > new",
+            "echo x > file",
+            "echo x >> file",
+            "truncate -s 0 file",
+            "touch file",
+            "mkdir newdir",
+            "rm file",
+            "rmdir dir",
+            "mv file moved",
+            "mv dir moved",
+        ] {
+            m.sh(write).fails_with(&["Read-only file system"]);
+        }
+        assert_eq!(m.tree(), values, "nothing changed ({options:?})");
+        m.unmount();
+    }
+    db.assert_python_sees(&values);
+}
+
+// ======================================================= 5. allow-other
+
+/// The unprivileged test user, created once when missing (needs root).
+fn other_user() -> &'static str {
+    static CREATED: OnceLock<()> = OnceLock::new();
+    CREATED.get_or_init(|| {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "the allow-other test mounts as root and reads as {OTHER_USER}: run the tests as root"
+        );
+        let exists = Command::new("id").arg(OTHER_USER).output().expect("run id");
+        if !exists.status.success() {
+            sh_in(
+                Path::new("/"),
+                &format!(
+                    "useradd --system --no-create-home --shell /usr/sbin/nologin {OTHER_USER}"
+                ),
+            )
+            .ok();
+        }
+    });
+    OTHER_USER
+}
+
+#[test]
+fn allow_other_lets_another_user_read_and_without_it_they_cannot() {
+    let user = other_user();
+    let db = Db::new();
+    db.py_put(&tree(&[("shared.txt", b"for everyone\n")]));
+
+    let m = Mount::on(&db).args(&["--allow-other"]).start();
+    let read = format!("runuser -u {user} -- cat {}", q(&m.path("shared.txt")));
+    let got = sh_in(Path::new("/"), &read).ok();
+    assert_eq!(got.text(), "for everyone\n");
+    m.unmount();
+
+    let m = Mount::on(&db).start();
+    let read = format!("runuser -u {user} -- cat {}", q(&m.path("shared.txt")));
+    sh_in(Path::new("/"), &read).fails_with(&["Permission denied"]);
+    m.unmount();
+}
+
+// ======================================================= 6. bad names
+
+#[test]
+fn names_that_cannot_be_keys_fail_with_a_clear_errno() {
+    let db = Db::new();
+    let m = Mount::on(&db).args(&["--upload-delay", "never"]).start();
+    let (n255, n256) = ("n".repeat(255), "n".repeat(256));
+
+    m.sh(&format!("echo ok > {n255} && cat {n255}")).ok();
+    m.sh("echo file > file").ok();
+    for bad in [
+        format!("touch {n256}"),
+        format!("mkdir {n256}"),
+        format!("mv file {n256}"),
+        format!("mkdir -p d && echo x > d/{n256}"),
+    ] {
+        m.sh(&bad).fails_with(&["File name too long"]);
+    }
+    // Keys are UTF-8: a name that is not cannot become one.
+    m.sh("touch \"$(printf 'bad\\377')\"")
+        .fails_with(&["Invalid argument"]);
+    for inside in ["echo x > .s4db/new", "mkdir .s4db/dir", "rm .s4db/stats"] {
+        m.sh(inside)
+            .fails_with(&["Operation not permitted", "Permission denied"]);
+    }
+    for link in ["ln -s file symlink", "ln file hardlink"] {
+        m.sh(link)
+            .fails_with(&["Operation not permitted", "Operation not supported"]);
+    }
+
+    m.sh("rmdir d").ok();
+    m.upload();
+    db.assert_python_sees(&tree(&[(&n255, b"ok\n"), ("file", b"file\n")]));
+    m.unmount();
+}
+
+// ======================================================= 7. corruption
+
+#[test]
+fn a_corrupt_entry_reads_as_eio_and_the_others_still_read() {
+    let db = Db::new();
+    let values = tree(&[
+        ("good1", b"first good value\n"),
+        ("bad", b"this value gets one byte flipped in S3\n"),
+        ("good2", b"second good value\n"),
+    ]);
+    db.py_put(&values);
+    let objects = db.data_objects();
+    let [object] = &objects[..] else {
+        panic!("expected one data file: {:?}", db.objects())
+    };
+    let mut data = db.get_object(object);
+    let range = value_range(&data, "bad");
+    data[range.start + range.len() / 2] ^= 0x01;
+    db.put_object(object, &data);
+
+    let m = Mount::on(&db).start();
+    for _ in 0..2 {
+        m.sh("cat bad").fails_with(&["Input/output error"]);
+    }
+    for key in ["good1", "good2"] {
+        assert_eq!(m.sh(&format!("cat {key}")).ok().stdout, values[key]);
+    }
+    m.unmount();
+}
+
+// ======================================================= 8. crash
+
+#[test]
+fn acknowledged_writes_survive_kill_9_and_are_published_after_restart() {
+    let db = Db::new();
+    let local = tempdir("local");
+    let src = tempdir("src");
+    let big = noise(150_000);
+    fs::write(src.path().join("big"), &big).unwrap();
+    let m = Mount::on(&db)
+        .local_dir(local.path())
+        .args(&["--upload-delay", "never"])
+        .start();
+
+    let big_q = q(&src.path().join("big"));
+    m.sh("echo one > one && printf two > two && mkdir -p d/e && echo deep > d/e/f")
+        .ok();
+    m.sh(&format!(
+        "cp {big_q} copied && dd if={big_q} of=fsynced bs=64k conv=fsync status=none"
+    ))
+    .ok();
+    m.sh("echo synced > synced && sync && echo 1 > overwritten && echo 2 > overwritten && echo x > deleted && rm deleted")
+        .ok();
+    let mut expected = tree(&[
+        ("one", b"one\n"),
+        ("two", b"two"),
+        ("d/e/f", b"deep\n"),
+        ("synced", b"synced\n"),
+        ("overwritten", b"2\n"),
+    ]);
+    expected.insert("copied".into(), big.clone());
+    expected.insert("fsynced".into(), big);
+    m.kill9();
+    assert_eq!(db.py_values(), BTreeMap::new(), "nothing was uploaded");
+
+    let m = Mount::on(&db)
+        .local_dir(local.path())
+        .args(&["--upload-delay", "never"])
+        .start();
+    assert_eq!(m.tree(), expected, "after the crash and a remount");
+    m.unmount();
+    db.assert_python_sees(&expected);
+}
+
+// ======================================================= 9. concurrency
+
+/// One writer's random operations on its own keys, mirrored in `model` and checked
+/// against the mount as it goes (no one else touches these keys).
+fn random_writer(mnt: &Path, id: usize, ops: usize) -> Tree {
+    let mut rng = StdRng::seed_from_u64(id as u64);
+    let keys: Vec<String> = (0..8)
+        .map(|j| match j % 3 {
+            0 => format!("w{id}/k{j}"),
+            _ => format!("w{id}/sub/k{j}"),
+        })
+        .collect();
+    fs::create_dir_all(mnt.join(format!("w{id}/sub"))).expect("mkdir writer dirs");
+    let mut model = Tree::new();
+    for n in 0..ops {
+        let key = &keys[rng.gen_range(0..keys.len())];
+        let path = mnt.join(key);
+        let ctx = format!("writer {id} op {n} on {key}");
+        let content: Vec<u8> = if rng.gen_bool(0.7) {
+            format!("w{id} op{n} ")
+                .repeat(rng.gen_range(0..50))
+                .into_bytes()
+        } else {
+            (0..rng.gen_range(1..3000)).map(|_| rng.gen()).collect()
+        };
+        match rng.gen_range(0..7) {
+            0 | 1 => {
+                fs::write(&path, &content).unwrap_or_else(|e| panic!("{ctx}: write: {e}"));
+                model.insert(key.clone(), content);
+            }
+            2 => {
+                let mut f = fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .open(&path)
+                    .unwrap_or_else(|e| panic!("{ctx}: open to append: {e}"));
+                f.write_all(&content)
+                    .unwrap_or_else(|e| panic!("{ctx}: append: {e}"));
+                model.entry(key.clone()).or_default().extend(&content);
+            }
+            3 => {
+                let removed = fs::remove_file(&path);
+                match model.remove(key) {
+                    Some(_) => removed.unwrap_or_else(|e| panic!("{ctx}: rm: {e}")),
+                    None => assert_eq!(
+                        removed.map_err(|e| e.kind()),
+                        Err(ErrorKind::NotFound),
+                        "{ctx}: rm of a missing file"
+                    ),
+                }
+            }
+            4 => {
+                let Some(value) = model.get_mut(key) else {
+                    continue;
+                };
+                let at = rng.gen_range(0..=value.len());
+                let f = fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .unwrap_or_else(|e| panic!("{ctx}: open to pwrite: {e}"));
+                f.write_all_at(&content, at as u64)
+                    .unwrap_or_else(|e| panic!("{ctx}: pwrite at {at}: {e}"));
+                let end = (at + content.len()).max(value.len());
+                value.resize(end, 0);
+                value[at..at + content.len()].copy_from_slice(&content);
+            }
+            5 => {
+                let to = &keys[rng.gen_range(0..keys.len())];
+                let Some(value) = model.remove(key) else {
+                    continue;
+                };
+                fs::rename(&path, mnt.join(to))
+                    .unwrap_or_else(|e| panic!("{ctx}: rename to {to}: {e}"));
+                model.insert(to.clone(), value);
+            }
+            _ => {
+                let got = fs::read(&path).map_err(|e| e.kind());
+                let want = model.get(key).cloned().ok_or(ErrorKind::NotFound);
+                assert!(
+                    got == want,
+                    "{ctx}: read {:?} bytes, the model has {:?}",
+                    got.as_ref().map(Vec::len),
+                    want.as_ref().map(Vec::len)
+                );
+                if let Some(v) = model.get(key) {
+                    let len = fs::metadata(&path).map(|m| m.len());
+                    assert_eq!(len.ok(), Some(v.len() as u64), "{ctx}: st_size");
+                }
+            }
+        }
+    }
+    model
+}
+
+/// The versions the shared-key writer cycles through: distinct contents and lengths.
+fn shared_versions(key: usize) -> Vec<Vec<u8>> {
+    (0..4)
+        .map(|v| {
+            format!("shared {key} version {v}\n")
+                .repeat(v * 40 + 1)
+                .into_bytes()
+        })
+        .collect()
+}
+
+#[test]
+fn concurrent_random_writers_match_a_model() {
+    const WRITERS: usize = 4;
+    const OPS: usize = 150;
+    let db = Db::new();
+    let m = Mount::on(&db).args(&["--upload-delay", "never"]).start();
+    let mnt = m.mnt.as_path();
+    let model: Tree = std::thread::scope(|s| {
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|id| s.spawn(move || random_writer(mnt, id, OPS)))
+            .collect();
+        writers
+            .into_iter()
+            .flat_map(|w| w.join().expect("a writer panicked"))
+            .collect()
+    });
+    assert_eq!(m.tree(), model, "the mount's view after the run");
+    m.upload();
+    db.assert_python_sees(&model);
+    m.unmount();
+}
+
+/// Reads `shared/s{key}` and asserts it is one whole version.
+fn assert_one_version(mnt: &Path, key: usize) {
+    let got = fs::read(mnt.join(format!("shared/s{key}")))
+        .unwrap_or_else(|e| panic!("read shared/s{key}: {e}"));
+    let versions = shared_versions(key);
+    assert!(
+        versions.contains(&got),
+        "shared/s{key}: a torn or stale read: {} bytes {:?}; the versions have {:?} bytes",
+        got.len(),
+        String::from_utf8_lossy(&got[..got.len().min(60)]),
+        versions.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn readers_see_whole_versions_while_files_are_replaced_by_rename() {
+    const SHARED: usize = 3;
+    const ROUNDS: usize = 21;
+    let db = Db::new();
+    let m = Mount::on(&db).args(&["--upload-delay", "never"]).start();
+    let mnt = m.mnt.as_path();
+    fs::create_dir(mnt.join("shared")).unwrap();
+    for key in 0..SHARED {
+        fs::write(mnt.join(format!("shared/s{key}")), &shared_versions(key)[0]).unwrap();
+    }
+
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut reads = 0;
+                    while !done.load(Ordering::Relaxed) {
+                        (0..SHARED).for_each(|key| assert_one_version(mnt, key));
+                        reads += SHARED;
+                    }
+                    reads
+                })
+            })
+            .collect();
+        // The careful way to replace a file (editors, rsync): write a temp file, rename it over.
+        let replaced = std::panic::catch_unwind(|| {
+            for round in 1..=ROUNDS {
+                for key in 0..SHARED {
+                    let tmp = mnt.join(format!("shared/.tmp-{key}"));
+                    fs::write(&tmp, &shared_versions(key)[round % 4]).expect("write temp");
+                    fs::rename(&tmp, mnt.join(format!("shared/s{key}"))).expect("rename");
+                }
+            }
+        });
+        done.store(true, Ordering::Relaxed);
+        for r in readers {
+            assert!(r.join().expect("a reader failed") > 0);
+        }
+        replaced.expect("the replacing writer failed");
+    });
+
+    let model: Tree = (0..SHARED)
+        .map(|key| {
+            (
+                format!("shared/s{key}"),
+                shared_versions(key)[ROUNDS % 4].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(m.tree(), model, "the mount's view after the run");
+    m.upload();
+    db.assert_python_sees(&model);
+    m.unmount();
+}
+
+// ======================================================= 10. control files
+
+const CONTROL_FILES: [&str; 6] = [
+    "upload",
+    "download",
+    "compact",
+    "rebuild_index",
+    "gc",
+    "refresh",
+];
+
+/// The request counters a control operation would move: all but `get_range` (reading
+/// a data file through the mount may fetch entries; running an upload, refresh etc. may not).
+fn control_requests(stats: &Json) -> Json {
+    let r = &stats["s3_requests"];
+    json!([r["get"], r["put"], r["delete"], r["list"], r["head"]])
+}
+
+#[test]
+fn reading_control_files_runs_nothing_and_stats_has_the_spec_fields() {
+    let db = Db::new();
+    db.py_put(&tree(&[("k", b"needle\n")]));
+    let m = Mount::on(&db).args(&["--upload-delay", "never"]).start();
+    m.sh("echo new > new").ok();
+
+    let before = m.stats();
+    for field in ["keys", "files", "bytes", "unsynced_writes", "cache_hits"] {
+        assert!(
+            before[field].is_u64(),
+            "stats.{field} is a number: {before}"
+        );
+    }
+    for field in ["get", "get_range", "put", "delete", "list", "head"] {
+        assert!(
+            before["s3_requests"][field].is_u64(),
+            "stats.s3_requests.{field} is a number: {before}"
+        );
+    }
+    assert_eq!(before["keys"], 2, "{before}");
+    assert!(before["unsynced_writes"].as_u64() > Some(0), "{before}");
+
+    let listing = m.sh("ls .s4db").ok().text();
+    for name in CONTROL_FILES
+        .iter()
+        .chain(&["stats", "unmapped", "last_error"])
+    {
+        assert!(listing.lines().any(|l| l == *name), "ls .s4db:\n{listing}");
+    }
+    // What backup tools and searches do: read everything, control files included.
+    let reads: String = CONTROL_FILES
+        .iter()
+        .map(|op| format!("cat .s4db/{op} > /dev/null && "))
+        .collect();
+    m.sh(&format!(
+        "{reads}grep -r needle . > /dev/null && find . -type f -exec cat {{}} + > /dev/null"
+    ))
+    .ok();
+
+    let after = m.stats();
+    assert_eq!(
+        control_requests(&after),
+        control_requests(&before),
+        "reading control files sent requests:\nbefore {before}\nafter {after}"
+    );
+    assert_eq!(after["unsynced_writes"], before["unsynced_writes"]);
+    assert_eq!(db.py_values().len(), 1, "nothing was uploaded");
+
+    m.upload();
+    let uploaded = m.stats();
+    assert_eq!(uploaded["unsynced_writes"], 0, "{uploaded}");
+    assert!(uploaded["s3_requests"]["put"].as_u64() > after["s3_requests"]["put"].as_u64());
+    m.unmount();
+}
+
+#[test]
+fn refresh_with_unsynced_writes_fails_and_last_error_says_why() {
+    let db = Db::new();
+    let m = Mount::on(&db).args(&["--upload-delay", "never"]).start();
+    m.sh("echo mine > mine").ok();
+
+    m.control("refresh").fails();
+    let error = m.last_error().to_lowercase();
+    assert!(
+        error.contains("refresh")
+            && ["unsynced", "not uploaded", "pending", "upload"]
+                .iter()
+                .any(|w| error.contains(w)),
+        "last_error should name the operation and the unsynced writes: {error:?}"
+    );
+
+    // Once published, refresh works and shows what others committed meanwhile.
+    m.upload();
+    db.py_put(&tree(&[("theirs", b"python\n")]));
+    m.control("refresh").ok();
+    assert_eq!(
+        m.tree(),
+        tree(&[("mine", b"mine\n"), ("theirs", b"python\n")])
+    );
+    m.unmount();
+}
+
+#[test]
+fn a_failing_download_or_compact_fails_the_write_naming_the_missing_object() {
+    let db = Db::new();
+    db.py_put(&tree(&[("k", b"v\n")]));
+    let objects = db.data_objects();
+    let [object] = &objects[..] else {
+        panic!("expected one data file: {:?}", db.objects())
+    };
+    let m = Mount::on(&db).start();
+    db.delete_object(object);
+
+    for op in ["compact", "download"] {
+        m.control(op).fails();
+        let error = m.last_error();
+        assert!(
+            error.contains(object.as_str()),
+            "{op}: last_error should name {object}: {error:?}"
+        );
+    }
+    // The mount still serves: stats and a new file.
+    m.stats();
+    m.sh("echo ok > new && cat new").ok();
+    m.unmount();
+}
+
+// ======================================================= 11. daemon mode
+
+#[test]
+fn daemon_mode_returns_once_the_mount_is_ready_and_publishes_at_unmount() {
+    let db = Db::new();
+    db.py_put(&tree(&[("ready", b"yes\n")]));
+    let m = Mount::on(&db)
+        .args(&["--upload-delay", "never"])
+        .start_daemonized();
+    // Immediately: no polling, the launcher's exit is the promise.
+    assert_eq!(m.sh("ls").ok().text(), "ready\n");
+    m.sh("echo written > written").ok();
+    m.unmount();
+    db.wait_python_sees(&tree(&[("ready", b"yes\n"), ("written", b"written\n")]));
+}
+
+#[test]
+fn a_missing_bucket_fails_to_mount_naming_it() {
+    let db = Db::in_missing_bucket();
+    for foreground in [false, true] {
+        let output = Mount::on(&db).run_to_failure(foreground);
+        assert!(
+            output.contains(&db.bucket),
+            "the error should name bucket {}: {output}",
+            db.bucket
+        );
+    }
+}
+
+#[test]
+fn a_mountpoint_that_is_not_a_directory_fails_saying_so() {
+    let db = Db::new();
+    let dir = tempdir("file");
+    let file = dir.path().join("not-a-dir");
+    fs::write(&file, "x").unwrap();
+    let output = Mount::on(&db).mountpoint(&file).run_to_failure(false);
+    assert!(
+        output.to_lowercase().contains("not a directory"),
+        "the error should say the mount point is not a directory: {output}"
+    );
+    assert_eq!(fs::read(&file).unwrap(), b"x");
+}
+
+#[test]
+fn a_second_daemon_on_the_same_local_dir_fails() {
+    let db = Db::new();
+    db.py_put(&tree(&[("k", b"v\n")]));
+    let local = tempdir("local");
+    let first = Mount::on(&db).local_dir(local.path()).start();
+    for foreground in [false, true] {
+        let output = Mount::on(&db)
+            .local_dir(local.path())
+            .run_to_failure(foreground);
+        assert!(
+            output.contains(local.path().to_str().unwrap()),
+            "the error should name the local dir {:?}: {output}",
+            local.path()
+        );
+    }
+    assert_eq!(first.read("k"), b"v\n", "the first mount is unharmed");
+    first.unmount();
+}
+
+// ======================================================= 12. cold reads
+
+#[test]
+fn cold_reads_cost_one_range_get_per_file_and_rereads_none() {
+    let db = Db::new();
+    // Read straight away, and stat first then read: one GET per file either way.
+    let mut cold = tree(&[("small", b"small\n"), ("binary", BINARY)]);
+    cold.insert("big-binary".into(), noise(300_000)); // many kernel read chunks, one GET
+    let mut stat_first = tree(&[("dir/nested", b"nested\n")]);
+    stat_first.insert("dir/big-text".into(), "text\n".repeat(300_000).into_bytes());
+    let mut values = cold.clone();
+    values.extend(stat_first.clone());
+    db.py_put(&values);
+    let m = Mount::on(&db).start();
+    let start = m.stats();
+    assert_eq!(
+        start["s3_requests"]["get_range"], 0,
+        "mounting reads no data: {start}"
+    );
+
+    for (key, value) in &cold {
+        assert_eq!(&m.read(key), value, "{key}");
+    }
+    m.sh("stat dir/* > /dev/null").ok();
+    for (key, value) in &stat_first {
+        assert_eq!(&m.read(key), value, "{key}");
+    }
+    let after = m.stats();
+    assert_eq!(
+        after["s3_requests"]["get_range"],
+        values.len(),
+        "one range GET per file read: {after}"
+    );
+
+    m.sh("ls -lR > /dev/null && stat * dir/* > /dev/null").ok();
+    assert_eq!(m.tree(), values, "warm reads");
+    let again = m.stats();
+    let gets = |s: &Json| json!([s["s3_requests"]["get"], s["s3_requests"]["get_range"]]);
+    assert_eq!(
+        gets(&again),
+        gets(&after),
+        "listing and reading again sent GETs: {again}"
+    );
+    m.unmount();
+}
