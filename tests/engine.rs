@@ -1224,3 +1224,39 @@ mod model {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_interleaved_puts_and_deletes_lands_whole_and_in_place() {
+    for backend in Backend::all().await {
+        let db = backend.open("batch", OpenOptions::default()).await;
+        db.put([
+            ("old/a", text("1")),
+            ("old/b", text("22")),
+            ("old/c", text("333")),
+        ])
+        .unwrap();
+        // A directory rename: put new, delete old, key after key.
+        let batch = ["a", "b", "c"].into_iter().flat_map(|k| {
+            let v = text(&"x".repeat(k.len() * 7));
+            [(format!("new/{k}"), Some(v)), (format!("old/{k}"), None)]
+        });
+        let placed = db
+            .apply(batch.chain([("absent".to_string(), None)]))
+            .unwrap();
+        assert_eq!(placed.len(), 7);
+        assert!(
+            placed[6].is_none(),
+            "{}: no tombstone for an absent key",
+            backend.name
+        );
+        for (i, k) in ["a", "b", "c"].iter().enumerate() {
+            let key = format!("new/{k}");
+            assert_eq!(db.location(&key), placed[i * 2], "{}", backend.name);
+            assert_eq!(get(&db, &key).await, Some(text(&"x".repeat(7))));
+        }
+        db.upload().await.unwrap();
+        let reader = backend.open("batch", OpenOptions::default()).await;
+        assert_eq!(reader.keys(), vec!["new/a", "new/b", "new/c"]);
+        assert_eq!(get(&reader, "new/c").await, Some(text(&"x".repeat(7))));
+    }
+}

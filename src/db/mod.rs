@@ -337,41 +337,47 @@ impl S4db {
             }
         }
         // Compress outside the lock: that is where a put spends its CPU.
-        let mut buf = Vec::new();
-        let mut encoded = Vec::with_capacity(items.len());
-        for (key, value) in &items {
-            let span = value.as_ref().map(|v| {
-                let start = buf.len();
-                encode_entry(&mut buf, key, Some(v));
-                (start, buf.len() - start)
-            });
-            encoded.push(span);
-        }
+        let encoded: Vec<Option<Vec<u8>>> = items
+            .iter()
+            .map(|(key, value)| {
+                value.as_ref().map(|v| {
+                    let mut e = Vec::new();
+                    encode_entry(&mut e, key, Some(v));
+                    e
+                })
+            })
+            .collect();
         let mut state = self.state();
-        // Tombstones only for keys that exist when the batch lands (or that
-        // an earlier item of the batch puts).
+        // Entries are laid out in item order (append_locked places them by
+        // running offset). Tombstones only for keys that exist when the
+        // batch lands (or that an earlier item of the batch puts).
+        let mut buf = Vec::with_capacity(encoded.iter().flatten().map(Vec::len).sum());
         let mut exists = std::collections::HashMap::new();
         let mut spans = Vec::with_capacity(items.len());
         let mut slot_of = Vec::with_capacity(items.len());
-        for ((key, _), span) in items.into_iter().zip(encoded) {
+        for ((key, _), entry) in items.into_iter().zip(encoded) {
             let present = *exists
                 .entry(key.clone())
                 .or_insert_with(|| state.index.entries.contains_key(&key));
-            match span {
-                Some((start, len)) => {
+            let start = buf.len();
+            let tombstone = match entry {
+                Some(e) => {
+                    buf.extend_from_slice(&e);
                     exists.insert(key.clone(), true);
-                    slot_of.push(Some(spans.len()));
-                    spans.push((key, start, len, false));
+                    false
                 }
                 None if present => {
-                    exists.insert(key.clone(), false);
-                    let start = buf.len();
                     encode_entry(&mut buf, &key, None);
-                    slot_of.push(Some(spans.len()));
-                    spans.push((key, start, buf.len() - start, true));
+                    exists.insert(key.clone(), false);
+                    true
                 }
-                None => slot_of.push(None),
-            }
+                None => {
+                    slot_of.push(None);
+                    continue;
+                }
+            };
+            slot_of.push(Some(spans.len()));
+            spans.push((key, start, buf.len() - start, tombstone));
         }
         if spans.is_empty() {
             return Ok(slot_of.iter().map(|_| None).collect());
