@@ -383,7 +383,10 @@ pub fn main() -> ExitCode {
     match serve(&args, &target, &local_dir, &mut readiness) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e}");
+            // In the foreground the log is stderr, where `failed` prints it.
+            if !args.foreground {
+                tracing::error!("{e}");
+            }
             readiness.failed(&e);
             ExitCode::from(2)
         }

@@ -113,6 +113,23 @@ impl S4db {
             .collect();
         self.fetch_files(need).await?;
         let (index, etag) = self.fetch_index().await?;
+        // A mirror must hold every entry the index points at: an object that
+        // is gone from the store is damage to report now, not at a later read.
+        let mut ends: BTreeMap<u64, u64> = BTreeMap::new();
+        for l in index.entries.values() {
+            let end = ends.entry(l.file_id).or_default();
+            *end = (*end).max(l.offset + l.length as u64);
+        }
+        for (id, end) in ends {
+            if local.size_of(id)?.is_none_or(|size| size < end) {
+                return Err(Error::Store(StoreError::NotFound {
+                    key: format!(
+                        "{} (referenced by {INDEX_NAME}; run rebuild-index --from-s3 to drop its keys)",
+                        self.object_key(&data_file_name(id))
+                    ),
+                }));
+            }
+        }
         let mut state = self.state();
         for id in &discard {
             state.files.remove(id);

@@ -548,20 +548,25 @@ impl S4db {
         }
     }
 
-    /// Writes the value of `key` into `sink` from its start and returns its
-    /// length and whether it is binary (`None`: no such key). A raw entry in
-    /// a local data file is copied in chunks with its CRC checked on the way,
-    /// so a large value never sits whole in memory; any other entry is read
-    /// as by [`S4db::get`].
+    /// The value `key` had at `loc` (an entry never changes, so a reader
+    /// that looked the key up earlier still gets that version).
+    pub async fn get_at(&self, key: &str, loc: Location) -> Result<Value> {
+        let local = self.state().local.clone();
+        self.read_value(key, loc, local.as_deref()).await
+    }
+
+    /// Writes the value of `key` at `loc` into `sink` from its start and
+    /// returns its length and whether it is binary. A raw entry in a local
+    /// data file is copied in chunks with its CRC checked on the way, so a
+    /// large value never sits whole in memory; any other entry is read as by
+    /// [`S4db::get_at`].
     pub async fn get_into_file(
         &self,
         key: &str,
+        loc: Location,
         sink: &std::fs::File,
-    ) -> Result<Option<(u64, bool)>> {
+    ) -> Result<(u64, bool)> {
         use std::os::unix::fs::FileExt;
-        let Some(loc) = self.location(key) else {
-            return Ok(None);
-        };
         let local = self.state().local.clone();
         let head_len = 9 + key.len() as u32;
         let head = match &local {
@@ -598,18 +603,16 @@ impl S4db {
                         }
                         sink.set_len(value_len)
                             .map_err(|e| Error::io("truncate", "a temporary file", e))?;
-                        return Ok(Some((value_len, head[0] & crate::format::FLAG_BINARY != 0)));
+                        return Ok((value_len, head[0] & crate::format::FLAG_BINARY != 0));
                     }
                 }
             }
         }
-        let Some(value) = self.get(key).await? else {
-            return Ok(None);
-        };
+        let value = self.get_at(key, loc).await?;
         sink.write_all_at(value.as_bytes(), 0)
             .and_then(|_| sink.set_len(value.len() as u64))
             .map_err(|e| Error::io("write", "a temporary file", e))?;
-        Ok(Some((value.len() as u64, value.is_binary())))
+        Ok((value.len() as u64, value.is_binary()))
     }
 
     /// Picks up what other writers committed: GETs the index and, if it

@@ -12,6 +12,7 @@ pub mod error;
 pub mod inodes;
 pub mod meta;
 pub mod names;
+pub mod value_cache;
 
 use crate::db::S4db;
 use crate::format::{Location, Value};
@@ -22,13 +23,16 @@ pub use error::{FsError, FsResult};
 use futures::StreamExt;
 use inodes::{Inodes, NodeKind, CONTROL_DIR_INO, ROOT_INO};
 use meta::{MetaCache, ValueMeta};
-use names::{after_subtree, has_under, is_shadowed, join, key_is_path, new_component, CONTROL_DIR};
+use names::{
+    after_subtree, has_path_under, is_shadowed, join, key_is_path, new_component, CONTROL_DIR,
+};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::OsStr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
+use value_cache::{ValueCache, SMALL_ENTRY};
 
 /// Range GETs in flight when sizes of a listed directory are resolved.
 const RESOLVE_CONCURRENCY: usize = 16;
@@ -93,6 +97,9 @@ struct FileData {
     content: Option<Content>,
     /// The entry the content was loaded from.
     base: Option<Location>,
+    /// Where the value was when the file was opened: what a later first
+    /// read loads, even if the name was replaced meanwhile.
+    open_loc: Option<Location>,
     /// Changed since the last put.
     dirty: bool,
     /// Unlinked or replaced while open: later writes go nowhere.
@@ -135,6 +142,10 @@ pub struct S4Fs {
     /// Per inode, the entry whose bytes the kernel's page cache holds.
     cached: Mutex<HashMap<u64, Location>>,
     cache_hits: AtomicU64,
+    small_values: ValueCache,
+    /// Inodes whose name was unlinked or replaced, with the value they had:
+    /// handles opened before keep reading that version, not the new one.
+    detached: Mutex<HashMap<u64, Location>>,
     last_error: Mutex<String>,
     upload_wanted: tokio::sync::Notify,
     last_write: Mutex<Instant>,
@@ -173,6 +184,8 @@ impl S4Fs {
             hinted: Mutex::new(HashMap::new()),
             cached: Mutex::new(HashMap::new()),
             cache_hits: AtomicU64::new(0),
+            small_values: ValueCache::default(),
+            detached: Mutex::new(HashMap::new()),
             last_error: Mutex::new(String::new()),
             upload_wanted: tokio::sync::Notify::new(),
             last_write: Mutex::new(Instant::now()),
@@ -236,7 +249,15 @@ impl S4Fs {
         let cell = lock(&self.resolving).entry(loc).or_default().clone();
         let m = *cell
             .get_or_try_init(|| async {
-                let len = self.db.value_len(key, loc).await?;
+                let len = if loc.length <= SMALL_ENTRY {
+                    // One GET of the whole entry; the read that follows uses it.
+                    let value = self.db.get_at(key, loc).await?;
+                    let len = value.len() as u64;
+                    self.small_values.insert(loc, value);
+                    len
+                } else {
+                    self.db.value_len(key, loc).await?
+                };
                 let m = ValueMeta {
                     len,
                     mtime: SystemTime::now(),
@@ -313,8 +334,12 @@ impl S4Fs {
             if let Some(c) = &d.content {
                 return Ok(self.file_attr(ino, c.len(), d.mtime, self.cfg.file_mode));
             }
+            if let Some(loc) = d.open_loc {
+                let m = self.value_meta(path, loc).await?;
+                return Ok(self.file_attr(ino, m.len, m.mtime, self.cfg.file_mode));
+            }
         }
-        let loc = self.db.location(path).ok_or(FsError::NotFound)?;
+        let loc = self.location_of(ino, path).ok_or(FsError::NotFound)?;
         let m = self.value_meta(path, loc).await?;
         Ok(self.file_attr(ino, m.len, m.mtime, self.cfg.file_mode))
     }
@@ -368,7 +393,7 @@ impl S4Fs {
         let (file, dir) = self.db.read_index(|idx| {
             (
                 idx.contains_key(path) && key_is_path(path),
-                has_under(idx, &under),
+                has_path_under(idx, &under),
             )
         });
         if dir || lock(&self.dirs).contains(path) || self.pending_under(&under) {
@@ -399,6 +424,7 @@ impl S4Fs {
         lock(&self.inodes).forget(ino, n);
         if lock(&self.inodes).get(ino).is_none() {
             lock(&self.cached).remove(&ino);
+            lock(&self.detached).remove(&ino);
         }
     }
 
@@ -415,6 +441,21 @@ impl S4Fs {
             (p.to_string(), k)
         };
         self.attr_of(ino, &path, kind).await
+    }
+
+    /// Where the value of file inode `ino` (named `path`) is: its own
+    /// version if its name was taken away, else what the name holds.
+    fn location_of(&self, ino: u64, path: &str) -> Option<Location> {
+        let detached = lock(&self.detached).get(&ino).copied();
+        detached.or_else(|| self.db.location(path))
+    }
+
+    /// The name `path` stops naming its inode (unlink, rename over it).
+    fn detach(&self, path: &str) {
+        let ino = lock(&self.inodes).ino_of(path);
+        if let (Some(ino), Some(loc)) = (ino, self.db.location(path)) {
+            lock(&self.detached).insert(ino, loc);
+        }
     }
 
     fn node(&self, ino: u64) -> FsResult<(String, NodeKind)> {
@@ -442,6 +483,11 @@ impl S4Fs {
                 let Some(rest) = k.strip_prefix(&prefix) else {
                     break;
                 };
+                if !key_is_path(k) {
+                    // Hidden keys imply no directory (`a//b` shows no `a`).
+                    start = format!("{k}\0");
+                    continue;
+                }
                 match rest.split_once('/') {
                     Some((child, _)) => {
                         if usable(child) {
@@ -595,11 +641,11 @@ impl S4Fs {
         Ok(self.dir_attr(ino))
     }
 
-    /// Nothing at all under `path/`: no key (even a hidden one), no explicit
-    /// directory, no file being created.
+    /// Nothing shown under `path/`: no mappable key, no explicit directory,
+    /// no file being created. Hidden keys under it stay as they are.
     fn dir_is_empty(&self, path: &str) -> bool {
         let under = format!("{path}/");
-        !self.db.read_index(|idx| has_under(idx, &under)) && !self.pending_under(&under)
+        !self.db.read_index(|idx| has_path_under(idx, &under)) && !self.pending_under(&under)
     }
 
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
@@ -659,6 +705,7 @@ impl S4Fs {
         FileData {
             content: None,
             base: None,
+            open_loc: None,
             dirty: false,
             unlinked: false,
             mtime: SystemTime::now(),
@@ -731,7 +778,7 @@ impl S4Fs {
         if writable || truncate {
             self.check_writable()?;
         }
-        let loc = self.db.location(&path);
+        let loc = self.location_of(ino, &path);
         if loc.is_none() && !self.created_open_file(&path) {
             return Err(FsError::NotFound);
         }
@@ -742,6 +789,9 @@ impl S4Fs {
             // rename onto this name) is dropped and read again.
             if !d.dirty && d.content.is_some() && d.base != loc {
                 d.content = None;
+            }
+            if d.content.is_none() {
+                d.open_loc = loc;
             }
             if truncate {
                 d.content = Some(Content::empty(&self.cfg.spill_dir));
@@ -770,30 +820,34 @@ impl S4Fs {
         if d.content.is_some() {
             return Ok(true);
         }
-        let loc = self.db.location(path);
+        let loc = d.open_loc.or_else(|| self.location_of(ino, path));
         let spill = &self.cfg.spill_dir;
-        let large = match loc {
-            Some(l) => self
-                .meta
-                .get(l)
-                .is_some_and(|m| m.len > content::SPILL_BYTES),
-            None => false,
-        };
-        d.content = Some(if large {
-            // Straight into a temporary file: a large value is not held in memory.
-            let file = Content::spill_file(spill)?;
-            let len = self
-                .db
-                .get_into_file(path, &file)
-                .await?
-                .map_or(0, |(len, _)| len);
-            Content::from_spill_file(file, len, spill)
-        } else {
-            let bytes = match loc {
-                Some(_) => self.db.get(path).await?.map(Value::into_bytes),
-                None => None,
-            };
-            Content::from_bytes(bytes.unwrap_or_default(), spill)?
+        d.content = Some(match loc {
+            None => Content::empty(spill),
+            Some(loc) => match self.small_values.take(loc) {
+                Some(v) => Content::from_bytes(v.into_bytes(), spill)?,
+                None if self
+                    .meta
+                    .get(loc)
+                    .is_some_and(|m| m.len > content::SPILL_BYTES) =>
+                {
+                    // Straight into a temporary file: a large value is not held in memory.
+                    let file = Content::spill_file(spill)?;
+                    let (len, _) = self.db.get_into_file(path, loc, &file).await?;
+                    Content::from_spill_file(file, len, spill)
+                }
+                None => {
+                    let v = match self.db.get_at(path, loc).await {
+                        // Another writer's compaction removed that version's
+                        // file: read what the name holds now.
+                        Err(crate::Error::Store(crate::remote::StoreError::NotFound {
+                            ..
+                        })) => self.db.get(path).await?.ok_or(FsError::NotFound)?,
+                        other => other?,
+                    };
+                    Content::from_bytes(v.into_bytes(), spill)?
+                }
+            },
         });
         d.base = loc;
         if let Some(loc) = loc {
@@ -947,7 +1001,7 @@ impl S4Fs {
             return Ok(self.dir_attr(ino));
         }
         if size.is_some() || mtime.is_some() {
-            if self.db.location(&path).is_none() && !self.created_open_file(&path) {
+            if self.location_of(ino, &path).is_none() && !self.created_open_file(&path) {
                 return Err(FsError::NotFound);
             }
             let open = self.open_file(ino, || self.unloaded());
@@ -1008,6 +1062,7 @@ impl S4Fs {
             Some(NodeKind::Dir) => return Err(FsError::IsDir),
             Some(NodeKind::File) => {}
         }
+        self.detach(&path);
         if self.db.contains_key(&path) {
             self.db.delete([&path])?;
             self.wrote();
@@ -1117,6 +1172,7 @@ impl S4Fs {
         }
         if dst == Some(NodeKind::File) {
             self.drop_open_file(&to);
+            self.detach(&to);
         }
         let placed = self.db.apply(batch)?;
         // Values did not change: their sizes and mtimes move with them.
@@ -1139,7 +1195,10 @@ impl S4Fs {
                 dirs.remove(&d);
                 dirs.insert(format!("{to}{}", &d[from.len()..]));
             }
-            if self.db.read_index(|idx| !has_under(idx, &format!("{to}/"))) {
+            if self
+                .db
+                .read_index(|idx| !has_path_under(idx, &format!("{to}/")))
+            {
                 dirs.insert(to.clone());
             }
         }

@@ -28,17 +28,18 @@ pub fn key_is_path(key: &str) -> bool {
         })
 }
 
-/// Whether some key lies under `key/`: the directory wins and file `key` is hidden.
+/// Whether a shown key lies under `key/`: the directory wins and file `key` is hidden.
 pub fn is_shadowed<V>(index: &BTreeMap<String, V>, key: &str) -> bool {
-    has_under(index, &format!("{key}/"))
+    has_path_under(index, &format!("{key}/"))
 }
 
-/// Whether any key starts with `prefix`.
-pub fn has_under<V>(index: &BTreeMap<String, V>, prefix: &str) -> bool {
+/// Whether a key that can be a path starts with `prefix`: what makes a
+/// directory exist (hidden keys imply nothing).
+pub fn has_path_under<V>(index: &BTreeMap<String, V>, prefix: &str) -> bool {
     index
         .range(prefix.to_string()..)
-        .next()
-        .is_some_and(|(k, _)| k.starts_with(prefix))
+        .take_while(|(k, _)| k.starts_with(prefix))
+        .any(|(k, _)| key_is_path(k))
 }
 
 /// Keys the tree does not show, in key order.
@@ -106,11 +107,12 @@ mod tests {
 
     #[test]
     fn shadowed_files_are_unmapped() {
-        let index: BTreeMap<String, ()> = ["d", "d!", "d/e", "x//y", "z"]
+        let index: BTreeMap<String, ()> = ["d", "d!", "d/e", "h", "h//x", "x//y", "z"]
             .into_iter()
             .map(|k| (k.to_string(), ()))
             .collect();
-        assert_eq!(unmapped_keys(&index), vec!["d", "x//y"]);
+        assert_eq!(unmapped_keys(&index), vec!["d", "h//x", "x//y"]);
+        assert!(!has_path_under(&index, "x/"));
     }
 
     #[test]
