@@ -1776,3 +1776,25 @@ fn cold_reads_cost_one_range_get_per_file_and_rereads_none() {
     );
     m.unmount();
 }
+
+/// 64 `cat`s at once of values only S3 has: the session hands each read to
+/// the runtime, so the range GETs overlap instead of queueing one by one.
+#[test]
+fn sixty_four_parallel_cold_reads_overlap() {
+    let db = Db::new();
+    let values: Tree = (0..64)
+        .map(|i| (format!("p/k{i:02}"), noise(20_000 + i)))
+        .collect();
+    db.py_put(&values);
+    let m = Mount::on(&db).start();
+    // Names from seq, not ls: a listing would prefetch sizes (and values) itself.
+    m.sh("seq -w 0 63 | xargs -P 64 -I{} cat p/k{} > /dev/null")
+        .ok();
+    let stats = m.stats();
+    assert!(
+        stats["s3_requests"]["max_in_flight"].as_u64().unwrap() > 1,
+        "the reads queued behind each other: {stats}"
+    );
+    assert_eq!(m.tree(), values);
+    m.unmount();
+}

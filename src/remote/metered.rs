@@ -17,6 +17,8 @@ pub struct RequestCounts {
     pub delete: u64,
     pub list: u64,
     pub head: u64,
+    /// The most requests that were in flight at once (overlap, not queueing).
+    pub max_in_flight: u64,
 }
 
 #[derive(Debug, Default)]
@@ -27,6 +29,8 @@ struct Counters {
     delete: AtomicU64,
     list: AtomicU64,
     head: AtomicU64,
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
 }
 
 /// Counts every request, then forwards it unchanged.
@@ -54,12 +58,30 @@ impl MeteredStore {
             delete: load(&c.delete),
             list: load(&c.list),
             head: load(&c.head),
+            max_in_flight: load(&c.max_in_flight),
         }
     }
 }
 
 fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Counts a request as in flight until dropped.
+struct InFlight<'a>(&'a Counters);
+
+impl<'a> InFlight<'a> {
+    fn start(c: &'a Counters) -> InFlight<'a> {
+        let now = c.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        c.max_in_flight.fetch_max(now, Ordering::Relaxed);
+        InFlight(c)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[async_trait]
@@ -70,11 +92,13 @@ impl ObjectStore for MeteredStore {
 
     async fn get(&self, key: &str) -> StoreResult<GetResult> {
         bump(&self.counters.get);
+        let _flying = InFlight::start(&self.counters);
         self.inner.get(key).await
     }
 
     async fn get_range(&self, key: &str, offset: u64, len: u64) -> StoreResult<Bytes> {
         bump(&self.counters.get_range);
+        let _flying = InFlight::start(&self.counters);
         self.inner.get_range(key, offset, len).await
     }
 
