@@ -968,13 +968,33 @@ impl S4Fs {
         let h = lock(&self.handles).remove(&fh).ok_or(FsError::BadHandle)?;
         if let Handle::File { ino, open, .. } = &*h {
             let result = self.commit_open(*ino, open).await;
-            let mut files = lock(&self.open_files);
-            if open.handles.fetch_sub(1, Ordering::Relaxed) == 1 {
-                files.remove(ino);
-            }
+            let last = {
+                let mut files = lock(&self.open_files);
+                let last = open.handles.fetch_sub(1, Ordering::Relaxed) == 1;
+                if last {
+                    files.remove(ino);
+                }
+                last
+            };
             result?;
+            if last {
+                self.keep_small_value(open).await;
+            }
         }
         Ok(())
+    }
+
+    /// The last handle closed: a small clean value stays in the cache, so
+    /// the `>>` or `sed -i` that often follows a read needs no GET.
+    async fn keep_small_value(&self, open: &OpenFile) {
+        let d = open.data.lock().await;
+        if let (Some(c), Some(loc), false) = (&d.content, d.base, d.dirty) {
+            if !c.is_spilled() && c.len() <= SMALL_ENTRY as u64 {
+                if let Ok(bytes) = c.to_vec() {
+                    self.small_values.insert(loc, Value::Binary(bytes));
+                }
+            }
+        }
     }
 
     pub fn releasedir(&self, fh: u64) {

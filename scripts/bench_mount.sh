@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# Workloads through a real s4db-mount on a local moto S3 server: wall time
+# (median of RUNS) and the S3 requests each one sent (from .s4db/stats).
+#
+#   scripts/bench_mount.sh [N] [RUNS]     N small files (default 1000), RUNS repeats (default 3)
+#
+# Needs fuse3 and .venv-test/py10 (moto); runs `scripts/test.sh --setup-only`
+# when the venv is missing. Builds the release binaries.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$(pwd)
+N="${1:-1000}"
+RUNS="${2:-3}"
+
+PY="$ROOT/.venv-test/py10/bin/python"
+MOTO_SERVER="${S4DB_MOTO_SERVER:-$ROOT/.venv-test/py10/bin/moto_server}"
+[[ -x "$PY" && -x "$MOTO_SERVER" ]] || "$ROOT/scripts/test.sh" --setup-only
+cargo build --release --bins -q
+BIN="$ROOT/target/release"
+
+WORK=$(mktemp -d /tmp/s4db-bench-mount.XXXXXX)
+PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+"$MOTO_SERVER" -H 127.0.0.1 -p "$PORT" >"$WORK/moto.log" 2>&1 &
+MOTO_PID=$!
+cleanup() {
+  fusermount3 -uz "$WORK/mnt" 2>/dev/null || true
+  kill "$MOTO_PID" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_REGION=us-east-1
+export AWS_CONFIG_FILE=/nonexistent AWS_SHARED_CREDENTIALS_FILE=/nonexistent
+unset AWS_CA_BUNDLE AWS_PROFILE
+ENDPOINT="http://127.0.0.1:$PORT"
+for _ in $(seq 50); do
+  "$PY" -c "import urllib.request; urllib.request.urlopen('$ENDPOINT')" 2>/dev/null && break
+  sleep 0.2
+done
+"$PY" -c "import boto3; boto3.client('s3', endpoint_url='$ENDPOINT').create_bucket(Bucket='bench')"
+
+MNT="$WORK/mnt"
+mkdir -p "$MNT"
+mount_db() { # mount_db PREFIX LOCAL_DIR
+  "$BIN/s4db-mount" --endpoint-url "$ENDPOINT" --force-path-style --upload-delay never \
+    "bench/$1" "$MNT" --local-dir "$2"
+}
+unmount_db() {
+  fusermount3 -u "$MNT"
+  while pgrep -f "s4db-mount .* $MNT" >/dev/null; do sleep 0.05; done
+}
+requests() { # the stats' S3 request counters as "get=.. get_range=.. put=.. list=.."
+  "$PY" -c "import json,sys; r=json.load(open('$MNT/.s4db/stats'))['s3_requests']; print(' '.join(f'{k}={r[k]}' for k in ('get','get_range','put','delete','list')))"
+}
+now() { date +%s.%N; }
+
+declare -A TIMES REQS
+record() { # record NAME SECONDS REQUESTS
+  TIMES[$1]+="$2 "
+  REQS[$1]="$3"
+}
+timed() { # timed NAME COMMAND...: runs it in the mount, records time and requests it sent
+  local name=$1
+  shift
+  local before t0 t1
+  before=$(requests)
+  t0=$(now)
+  (cd "$MNT" && eval "$*") >/dev/null
+  t1=$(now)
+  record "$name" "$(echo "$t1 - $t0" | bc)" "$(diff_requests "$before" "$(requests)")"
+}
+diff_requests() {
+  "$PY" - "$1" "$2" <<'EOF'
+import sys
+a = dict(kv.split("=") for kv in sys.argv[1].split())
+b = dict(kv.split("=") for kv in sys.argv[2].split())
+print(" ".join(f"{k}={int(b[k]) - int(a[k])}" for k in a if int(b[k]) != int(a[k])) or "none")
+EOF
+}
+
+head -c 256 /dev/urandom | base64 -w0 | head -c 256 >"$WORK/small"
+for run in $(seq "$RUNS"); do
+  prefix="run$run"
+  mount_db "$prefix" "$WORK/local-$run"
+  timed "create $N files of 256 B + publish" \
+    "mkdir d && for i in \$(seq $N); do cp $WORK/small d/f\$i; done && echo > .s4db/upload"
+  mkdir "$MNT/p"
+  for i in $(seq 128); do head -c 65536 /dev/urandom >"$MNT/p/k$i"; done
+  echo >"$MNT/.s4db/upload"
+  unmount_db
+  # A fresh machine: empty local directory, everything comes from S3.
+  mount_db "$prefix" "$WORK/cold-$run"
+  timed "64 cold reads of 64 KiB, one by one" "for i in \$(seq 64); do cat p/k\$i; done"
+  timed "64 cold reads of 64 KiB, 64 in parallel" "seq 65 128 | xargs -P 64 -I{} cat p/k{}"
+  timed "ls -l of $N files after a fresh mount" "ls -l d"
+  timed "cold read of $N files (cat)" "cat d/* "
+  timed "warm read of $N files (cat)" "cat d/*"
+  timed "append to 100 files (>>)" "for i in \$(seq 100); do echo more >> d/f\$i; done"
+  timed "rename 100 files (mv)" "for i in \$(seq 100); do mv d/f\$i d/g\$i; done"
+  timed "rm -r of $N files + publish" "rm -r d && echo > .s4db/upload"
+  unmount_db
+  # The same listing on local disk, for comparison.
+  mkdir -p "$WORK/disk/d"
+  for i in $(seq "$N"); do cp "$WORK/small" "$WORK/disk/d/f$i"; done
+  t0=$(now)
+  ls -l "$WORK/disk/d" >/dev/null
+  t1=$(now)
+  record "ls -l of $N files on local disk" "$(echo "$t1 - $t0" | bc)" "-"
+  rm -rf "$WORK/disk"
+done
+
+median() { tr ' ' '\n' | grep . | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+echo
+echo "s4db-mount on moto_server (loopback), N=$N, median of $RUNS runs; $(nproc) cores"
+echo
+echo "| workload | seconds | S3 requests |"
+echo "|---|---|---|"
+for name in "create $N files of 256 B + publish" "ls -l of $N files after a fresh mount" \
+  "ls -l of $N files on local disk" "cold read of $N files (cat)" "warm read of $N files (cat)" \
+  "64 cold reads of 64 KiB, one by one" "64 cold reads of 64 KiB, 64 in parallel" "append to 100 files (>>)" "rename 100 files (mv)" \
+  "rm -r of $N files + publish"; do
+  printf '| %s | %.3f | %s |\n' "$name" "$(echo "${TIMES[$name]}" | median)" "${REQS[$name]}"
+done
