@@ -772,6 +772,23 @@ impl Mount {
         }
     }
 
+    /// SIGTERM to the daemon: it must upload, unmount and exit 0 by itself.
+    #[track_caller]
+    fn terminate(mut self) {
+        let Daemon::Child(child) = &mut self.daemon else {
+            panic!("terminate() needs a foreground daemon");
+        };
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = wait_timeout(child, EXIT_TIMEOUT).expect("s4db-mount exits after SIGTERM");
+        assert!(
+            status.success(),
+            "exit after SIGTERM: {status}\n{}",
+            self.output()
+        );
+        assert!(!is_mounted(&self.mnt), "still mounted after SIGTERM");
+    }
+
     /// A crash: SIGKILL to the daemon, then the dead mount is detached.
     fn kill9(mut self) {
         if let Daemon::Child(child) = &mut self.daemon {
@@ -1796,5 +1813,45 @@ fn sixty_four_parallel_cold_reads_overlap() {
         "the reads queued behind each other: {stats}"
     );
     assert_eq!(m.tree(), values);
+    m.unmount();
+}
+
+#[test]
+fn sigterm_uploads_and_unmounts() {
+    let db = Db::new();
+    let m = Mount::on(&db).args(&["--upload-delay", "never"]).start();
+    m.sh("echo kept > a && mkdir d && echo too > d/b").ok();
+    m.terminate();
+    db.assert_python_sees(&tree(&[("a", b"kept\n"), ("d/b", b"too\n")]));
+}
+
+/// Sizes of values another writer put are asked once, then remembered in the
+/// local directory: a later mount lists them without a request.
+#[test]
+fn sizes_learned_once_are_remembered_across_mounts() {
+    let db = Db::new();
+    let values = tree(&[("x/one", b"1"), ("x/two", b"22"), ("x/three", &[0xff; 333])]);
+    db.py_put(&values);
+    let local = tempdir("kept-local");
+    let m = Mount::on(&db).local_dir(local.path()).start();
+    let sizes = m.sh("stat -c '%n %s' x/*").ok();
+    assert_eq!(sizes.text(), "x/one 1\nx/three 333\nx/two 2\n");
+    m.unmount();
+
+    let m = Mount::on(&db).local_dir(local.path()).start();
+    assert_eq!(m.sh("stat -c '%n %s' x/*").ok().text(), sizes.text());
+    let stats = m.stats();
+    assert_eq!(stats["s3_requests"]["get_range"], 0, "{stats}");
+    assert_eq!(stats["s3_requests"]["get"], 1, "only the index: {stats}");
+    m.unmount();
+}
+
+#[test]
+fn a_value_past_the_format_limit_fails_with_efbig() {
+    let db = Db::new();
+    let m = Mount::on(&db).start();
+    m.sh("truncate -s 5G big").fails_with(&["File too large"]);
+    m.sh("echo fine > small").ok();
+    assert_eq!(m.read("small"), b"fine\n");
     m.unmount();
 }
