@@ -65,9 +65,11 @@ fn file_attr(a: &Attr) -> FileAttr {
     }
 }
 
+/// The errno for `e`; failures of the store or of stored bytes (which a
+/// program only sees as EIO) are logged with what they name.
 fn errno(e: &FsError) -> i32 {
     match e {
-        FsError::NotFound | FsError::Exists => {}
+        FsError::Db(_) | FsError::Io(_) => tracing::warn!("{e}"),
         _ => tracing::debug!("fuse: {e}"),
     }
     e.to_errno()
