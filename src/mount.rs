@@ -79,7 +79,11 @@ pub struct MountArgs {
     /// Upload this many seconds after the last write, or `never` (only
     /// .s4db/upload and unmount upload)
     #[arg(long, value_name = "SECONDS|never", value_parser = parse_delay, default_value = "1")]
-    pub upload_delay: UploadDelay,
+    pub upload_delay: Interval,
+    /// Load what other writers committed every SECONDS while nothing is
+    /// unsynced (one GET of the index), or `never` (only .s4db/refresh)
+    #[arg(long, value_name = "SECONDS|never", value_parser = parse_delay, default_value = "60")]
+    pub refresh_interval: Interval,
     /// Stay in the foreground
     #[arg(short, long)]
     pub foreground: bool,
@@ -94,8 +98,9 @@ pub struct MountArgs {
     pub options: Vec<String>,
 }
 
+/// A number of seconds, or `never` (`None`).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct UploadDelay(pub Option<Duration>);
+pub struct Interval(pub Option<Duration>);
 
 fn parse_mode(s: &str) -> Result<u16, String> {
     u16::from_str_radix(s.trim_start_matches("0o"), 8)
@@ -104,14 +109,14 @@ fn parse_mode(s: &str) -> Result<u16, String> {
         .ok_or_else(|| format!("{s:?} is not an octal mode such as 0644"))
 }
 
-fn parse_delay(s: &str) -> Result<UploadDelay, String> {
+fn parse_delay(s: &str) -> Result<Interval, String> {
     if s == "never" {
-        return Ok(UploadDelay(None));
+        return Ok(Interval(None));
     }
     s.parse::<f64>()
         .ok()
         .filter(|v| v.is_finite() && *v >= 0.0)
-        .map(|v| UploadDelay(Some(Duration::from_secs_f64(v))))
+        .map(|v| Interval(Some(Duration::from_secs_f64(v))))
         .ok_or_else(|| format!("{s:?} is neither a number of seconds nor `never`"))
 }
 
@@ -151,6 +156,7 @@ impl MountArgs {
                 "file_mode" => self.file_mode = parse_mode(need()?)?,
                 "dir_mode" => self.dir_mode = parse_mode(need()?)?,
                 "upload_delay" => self.upload_delay = parse_delay(need()?)?,
+                "refresh_interval" => self.refresh_interval = parse_delay(need()?)?,
                 "endpoint_url" => self.endpoint_url = Some(need()?.to_string()),
                 "region" => self.region = Some(need()?.to_string()),
                 "profile" => self.profile = Some(need()?.to_string()),
@@ -478,6 +484,7 @@ fn serve(
         local_dir.display()
     );
     rt.spawn(fs.clone().run_uploader());
+    rt.spawn(fs.clone().run_refresher());
     rt.spawn(fs.clone().preload_hints());
     let unmounter = session.unmount_callable();
     rt.spawn(unmount_on_signal(unmounter, args.mountpoint.clone()));
@@ -529,6 +536,7 @@ async fn open_fs(
         dir_mode: args.dir_mode,
         read_only: args.read_only,
         upload_delay: args.upload_delay.0,
+        refresh_interval: args.refresh_interval.0,
         spill_dir: local_dir.join("spill"),
         meta_path: Some(local_dir.join("s4db-mount.meta")),
     };
@@ -578,7 +586,7 @@ mod tests {
             "b/p",
             "/mnt",
             "-o",
-            "ro,allow_other,uid=7,file_mode=0600,upload_delay=never,_netdev,x-systemd.automount",
+            "ro,allow_other,uid=7,file_mode=0600,upload_delay=never,refresh_interval=2.5,_netdev,x-systemd.automount",
             "-o",
             "local_dir=/tmp/x",
         ]);
@@ -586,7 +594,11 @@ mod tests {
         assert!(a.read_only && a.allow_other);
         assert_eq!(a.uid, Some(7));
         assert_eq!(a.file_mode, 0o600);
-        assert_eq!(a.upload_delay, UploadDelay(None));
+        assert_eq!(a.upload_delay, Interval(None));
+        assert_eq!(
+            a.refresh_interval,
+            Interval(Some(Duration::from_millis(2500)))
+        );
         assert_eq!(a.local_dir, Some(PathBuf::from("/tmp/x")));
         let mut bad = MountArgs::parse_from(["s4db-mount", "b", "/m", "-o", "frobnicate"]);
         assert!(bad

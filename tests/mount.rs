@@ -1177,6 +1177,23 @@ fn upload_delay_publishes_without_any_action() {
     m.unmount();
 }
 
+/// Another writer's commit shows up without any action, at the refresh interval.
+#[test]
+fn refresh_interval_picks_up_other_writers() {
+    let db = Db::new();
+    db.py_put(&tree(&[("old", b"1")]));
+    let m = Mount::on(&db).args(&["--refresh-interval", "0.2"]).start();
+    assert_eq!(m.read("old"), b"1");
+    db.py_put(&tree(&[("new", b"from python")]));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !m.path("new").exists() {
+        assert!(Instant::now() < deadline, "the new key never showed up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(m.read("new"), b"from python");
+    m.unmount();
+}
+
 // ======================================================= 4. read-only
 
 #[test]

@@ -49,6 +49,8 @@ pub struct FsConfig {
     pub read_only: bool,
     /// Upload this long after the last write; `None`: only on request and at unmount.
     pub upload_delay: Option<Duration>,
+    /// Load other writers' commits this often while nothing is unsynced; `None`: only on request.
+    pub refresh_interval: Option<Duration>,
     /// Where large open files spill (the local directory).
     pub spill_dir: PathBuf,
     /// Where value sizes learned from the store are remembered.
@@ -1269,6 +1271,7 @@ impl S4Fs {
             "local_dir": s.local_dir,
             "read_only": self.cfg.read_only,
             "upload_delay_seconds": self.cfg.upload_delay.map(|d| d.as_secs_f64()),
+            "refresh_interval_seconds": self.cfg.refresh_interval.map(|d| d.as_secs_f64()),
             "last_error": lock(&self.last_error).clone(),
         })
     }
@@ -1363,6 +1366,25 @@ impl S4Fs {
                 self.record_error("background upload", &e);
                 tokio::time::sleep(UPLOAD_RETRY).await;
                 self.upload_wanted.notify_one();
+            }
+        }
+    }
+
+    /// Picks up other writers' commits every `refresh_interval`, skipping a
+    /// turn while this mount has writes to publish (forever; spawn it once).
+    pub async fn run_refresher(self: Arc<Self>) {
+        let Some(every) = self.cfg.refresh_interval else {
+            return;
+        };
+        loop {
+            tokio::time::sleep(every).await;
+            if self.db.has_unsynced_writes() {
+                continue;
+            }
+            match self.db.refresh().await {
+                Ok(true) => tracing::info!("picked up another writer's commit"),
+                Ok(false) => {}
+                Err(e) => self.record_error("background refresh", &e),
             }
         }
     }

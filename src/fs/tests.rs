@@ -38,6 +38,7 @@ async fn fixture(seed: &[(&str, Value)]) -> Fixture {
         dir_mode: 0o755,
         read_only: false,
         upload_delay: None,
+        refresh_interval: None,
         spill_dir: local.join("spill"),
         meta_path: Some(local.join("meta")),
     };
