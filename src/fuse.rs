@@ -8,7 +8,8 @@ use crate::fs::inodes::NodeKind;
 use crate::fs::{Attr, FsError, FsResult, S4Fs};
 use fuser::{
     consts, FileAttr, FileType, Filesystem, KernelConfig, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    Request, TimeOrNow,
 };
 use std::ffi::{OsStr, OsString};
 use std::future::Future;
@@ -18,6 +19,8 @@ use std::time::{Duration, SystemTime};
 /// How long the kernel may trust names and attributes before asking again
 /// (short, so other writers' commits picked up by refresh show soon).
 const TTL: Duration = Duration::from_secs(1);
+/// Entries prepared per READDIRPLUS call (more than fit in a reply page).
+const PLUS_BATCH: usize = 64;
 /// Largest write the kernel sends at once.
 const MAX_WRITE: u32 = 1024 * 1024;
 
@@ -121,7 +124,9 @@ impl Filesystem for FuseAdapter {
             consts::FUSE_ASYNC_READ
                 | consts::FUSE_BIG_WRITES
                 | consts::FUSE_ATOMIC_O_TRUNC
-                | consts::FUSE_PARALLEL_DIROPS,
+                | consts::FUSE_PARALLEL_DIROPS
+                | consts::FUSE_DO_READDIRPLUS
+                | consts::FUSE_READDIRPLUS_AUTO,
         );
         let _ = config.set_max_write(MAX_WRITE);
         let _ = config.set_max_background(64);
@@ -346,7 +351,7 @@ impl Filesystem for FuseAdapter {
         offset: i64,
         mut reply: ReplyDirectory,
     ) {
-        let entries = match self.fs.readdir(fh, offset as u64) {
+        let entries = match self.fs.readdir(fh) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(&e)),
         };
@@ -360,6 +365,34 @@ impl Filesystem for FuseAdapter {
             }
         }
         reply.ok();
+    }
+
+    fn readdirplus(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        offset: i64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        self.spawn(move |fs| async move {
+            let entries = match fs.readdirplus(fh, offset.max(0) as u64, PLUS_BATCH).await {
+                Ok(e) => e,
+                Err(e) => return reply.error(errno(&e)),
+            };
+            let mut sent = Vec::with_capacity(entries.len());
+            for e in entries {
+                let attr = file_attr(&e.attr);
+                if reply.add(attr.ino, e.next_offset as i64, &e.name, &TTL, &attr, 0) {
+                    break;
+                }
+                if e.counted {
+                    sent.push(attr.ino);
+                }
+            }
+            fs.entries_sent(&sent);
+            reply.ok();
+        });
     }
 
     fn releasedir(

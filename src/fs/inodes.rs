@@ -80,6 +80,13 @@ impl Inodes {
         ino
     }
 
+    /// The kernel took a reference (an entry it was sent in a listing).
+    pub fn add_lookup(&mut self, ino: u64) {
+        if let Some(node) = self.by_ino.get_mut(&ino) {
+            node.lookups += 1;
+        }
+    }
+
     /// The kernel dropped `n` references.
     pub fn forget(&mut self, ino: u64, n: u64) {
         let Some(node) = self.by_ino.get_mut(&ino) else {

@@ -76,6 +76,17 @@ pub struct DirEntry {
     pub name: String,
 }
 
+/// A directory entry with its attributes, for READDIRPLUS.
+#[derive(Debug, Clone)]
+pub struct PlusEntry {
+    /// The offset of the entry after this one.
+    pub next_offset: u64,
+    pub name: String,
+    pub attr: Attr,
+    /// Whether sending it gives the kernel an inode reference to count.
+    pub counted: bool,
+}
+
 /// What an open returns: the handle and whether the kernel may keep the
 /// pages it cached from an earlier open (the value has not changed).
 #[derive(Debug, Clone, Copy)]
@@ -117,7 +128,11 @@ enum Handle {
         append: bool,
         writable: bool,
     },
-    Dir(Arc<Vec<DirEntry>>),
+    Dir {
+        /// The directory's path; `None` for `.s4db`.
+        path: Option<String>,
+        entries: Arc<Vec<DirEntry>>,
+    },
     Control {
         file: ControlFile,
         snapshot: Vec<u8>,
@@ -544,6 +559,7 @@ impl S4Fs {
                 name: "..".into(),
             },
         ];
+        let mut path = None;
         if ino == CONTROL_DIR_INO {
             entries.extend(ControlFile::ALL.iter().map(|c| DirEntry {
                 ino: c.ino(),
@@ -552,6 +568,7 @@ impl S4Fs {
             }));
         } else {
             let dir = self.dir_path(ino)?;
+            path = Some(dir.clone());
             if dir.is_empty() {
                 entries.push(DirEntry {
                     ino: CONTROL_DIR_INO,
@@ -577,7 +594,10 @@ impl S4Fs {
             }
             self.prefetch_sizes(unknown);
         }
-        Ok(self.add_handle(Handle::Dir(Arc::new(entries))))
+        Ok(self.add_handle(Handle::Dir {
+            path,
+            entries: Arc::new(entries),
+        }))
     }
 
     /// A listing is usually followed by a `stat` of each entry (`ls -l`):
@@ -606,11 +626,53 @@ impl S4Fs {
         });
     }
 
-    pub fn readdir(&self, fh: u64, offset: u64) -> FsResult<Arc<Vec<DirEntry>>> {
-        let _ = offset;
+    /// The listing taken at opendir (the adapter pages through it).
+    pub fn readdir(&self, fh: u64) -> FsResult<Arc<Vec<DirEntry>>> {
         match &*self.handle(fh)? {
-            Handle::Dir(entries) => Ok(entries.clone()),
+            Handle::Dir { entries, .. } => Ok(entries.clone()),
             _ => Err(FsError::BadHandle),
+        }
+    }
+
+    /// Up to `max` entries from `offset` with their attributes (READDIRPLUS:
+    /// `ls -l` then needs no lookup per file). Entries come bound to inodes
+    /// without a kernel reference; the adapter calls [`S4Fs::entries_sent`]
+    /// for those that fit in its reply. Entries that vanished are skipped.
+    pub async fn readdirplus(&self, fh: u64, offset: u64, max: usize) -> FsResult<Vec<PlusEntry>> {
+        let h = self.handle(fh)?;
+        let Handle::Dir { path, entries } = &*h else {
+            return Err(FsError::BadHandle);
+        };
+        let mut out = Vec::with_capacity(max);
+        for (i, e) in entries.iter().enumerate().skip(offset as usize).take(max) {
+            let fixed = |attr| (attr, false);
+            let (attr, counted) = if e.name == "." || e.name == ".." || e.ino == CONTROL_DIR_INO {
+                fixed(self.dir_attr(e.ino))
+            } else if let Some(c) = ControlFile::from_ino(e.ino).filter(|_| path.is_none()) {
+                fixed(self.control_attr(c))
+            } else {
+                let child = join(path.as_deref().unwrap_or_default(), &e.name);
+                let ino = lock(&self.inodes).bind(&child, e.kind, false);
+                match self.attr_of(ino, &child, e.kind).await {
+                    Ok(attr) => (attr, true),
+                    Err(_) => continue,
+                }
+            };
+            out.push(PlusEntry {
+                next_offset: i as u64 + 1,
+                name: e.name.clone(),
+                attr,
+                counted,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The kernel now holds a reference to each of these inodes.
+    pub fn entries_sent(&self, inos: &[u64]) {
+        let mut inodes = lock(&self.inodes);
+        for ino in inos {
+            inodes.add_lookup(*ino);
         }
     }
 
@@ -868,7 +930,7 @@ impl S4Fs {
                 let end = (start + size as usize).min(snapshot.len());
                 Ok(snapshot[start..end].to_vec())
             }
-            Handle::Dir(_) => Err(FsError::IsDir),
+            Handle::Dir { .. } => Err(FsError::IsDir),
             Handle::File { ino, open, .. } => {
                 let (path, _) = self.node(*ino)?;
                 let mut d = open.data.lock().await;
@@ -890,7 +952,7 @@ impl S4Fs {
                 self.run_control(*file).await?;
                 Ok(data.len() as u32)
             }
-            Handle::Dir(_) => Err(FsError::IsDir),
+            Handle::Dir { .. } => Err(FsError::IsDir),
             Handle::File {
                 ino,
                 open,

@@ -95,7 +95,7 @@ impl Fixture {
 
     async fn names(&self, dir: &str) -> Vec<String> {
         let fh = self.fs.opendir(self.dir(dir).await).unwrap();
-        let entries = self.fs.readdir(fh, 0).unwrap();
+        let entries = self.fs.readdir(fh).unwrap();
         self.fs.releasedir(fh);
         entries
             .iter()
@@ -117,6 +117,15 @@ async fn files_directories_and_control_files() {
     // `bad//key` is hidden and implies no directory `bad`.
     assert_eq!(f.names("").await, vec![".s4db", "a", "d"]);
     assert_eq!(f.names("d").await, vec!["e"]);
+    // READDIRPLUS: attributes with the names, and inodes bound for them.
+    let fh = f.fs.opendir(f.dir("a").await).unwrap();
+    let plus = f.fs.readdirplus(fh, 2, 64).await.unwrap();
+    f.fs.releasedir(fh);
+    assert_eq!(plus.len(), 1);
+    assert_eq!((plus[0].name.as_str(), plus[0].attr.size), ("b", 9));
+    assert!(plus[0].counted);
+    f.fs.entries_sent(&[plus[0].attr.ino]);
+    assert_eq!(f.fs.getattr(plus[0].attr.ino).await.unwrap().size, 9);
     assert_eq!(f.read_file("a/b").await.unwrap(), b"committed");
     f.write_file("a/new", &[0xff, 0]).await.unwrap();
     assert_eq!(
