@@ -1,0 +1,550 @@
+//! Files: open, read, write, the put at close or fsync, truncate, unlink and rename.
+
+use super::*;
+
+impl S4Fs {
+    /// The shared state of `ino`'s open file, made if this is the first handle.
+    pub(super) fn open_file(&self, ino: u64, fresh: impl FnOnce() -> FileData) -> Arc<OpenFile> {
+        let mut files = lock(&self.open_files);
+        let open = files.entry(ino).or_insert_with(|| {
+            Arc::new(OpenFile {
+                data: tokio::sync::Mutex::new(fresh()),
+                handles: AtomicU64::new(0),
+            })
+        });
+        open.handles.fetch_add(1, Ordering::Relaxed);
+        open.clone()
+    }
+
+    pub(super) fn unloaded(&self) -> FileData {
+        FileData {
+            content: None,
+            base: None,
+            open_loc: None,
+            dirty: false,
+            unlinked: false,
+            mtime: SystemTime::now(),
+        }
+    }
+
+    pub(super) fn created(&self) -> FileData {
+        FileData {
+            content: Some(Content::empty(&self.cfg.spill_dir)),
+            dirty: true,
+            ..self.unloaded()
+        }
+    }
+
+    pub async fn create(&self, parent: u64, name: &OsStr, flags: i32) -> FsResult<(Attr, Opened)> {
+        self.check_writable()?;
+        let path = self.new_path(parent, name)?;
+        match self.resolve(&path) {
+            Some(NodeKind::Dir) => return Err(FsError::IsDir),
+            Some(NodeKind::File) if flags & libc::O_EXCL != 0 => return Err(FsError::Exists),
+            Some(NodeKind::File) => {
+                let ino = lock(&self.inodes).bind(&path, NodeKind::File, true);
+                let opened = self.open(ino, flags).await?;
+                return Ok((self.attr_of(ino, &path, NodeKind::File).await?, opened));
+            }
+            None => {}
+        }
+        let ino = lock(&self.inodes).bind(&path, NodeKind::File, true);
+        let open = self.open_file(ino, || self.created());
+        let fh = self.add_handle(Handle::File {
+            ino,
+            open,
+            append: flags & libc::O_APPEND != 0,
+            writable: true,
+        });
+        let attr = self.file_attr(ino, 0, SystemTime::now(), self.cfg.file_mode);
+        Ok((
+            attr,
+            Opened {
+                fh,
+                keep_cache: false,
+                direct_io: false,
+            },
+        ))
+    }
+
+    pub async fn open(&self, ino: u64, flags: i32) -> FsResult<Opened> {
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let truncate = flags & libc::O_TRUNC != 0;
+        if let Some(c) = ControlFile::from_ino(ino) {
+            if writable && !c.is_action() {
+                return Err(FsError::NotPermitted("this control file is read-only"));
+            }
+            let snapshot = if c.is_action() {
+                c.help().as_bytes().to_vec()
+            } else {
+                self.control_contents(c)
+            };
+            let fh = self.add_handle(Handle::Control { file: c, snapshot });
+            return Ok(Opened {
+                fh,
+                keep_cache: false,
+                direct_io: true,
+            });
+        }
+        let (path, kind) = self.node(ino)?;
+        if kind == NodeKind::Dir {
+            return Err(FsError::IsDir);
+        }
+        if writable || truncate {
+            self.check_writable()?;
+        }
+        let loc = self.location_of(ino, &path);
+        if loc.is_none() && !self.created_open_file(&path) {
+            return Err(FsError::NotFound);
+        }
+        let open = self.open_file(ino, || self.unloaded());
+        {
+            let mut d = open.data.lock().await;
+            // A clean copy of a value that changed since (another writer, a
+            // rename onto this name) is dropped and read again.
+            if !d.dirty && d.content.is_some() && d.base != loc {
+                d.content = None;
+            }
+            if d.content.is_none() {
+                d.open_loc = loc;
+            }
+            if truncate {
+                d.content = Some(Content::empty(&self.cfg.spill_dir));
+                d.dirty = true;
+                d.mtime = SystemTime::now();
+            }
+        }
+        let keep_cache =
+            !writable && !truncate && loc.is_some() && lock(&self.cached).get(&ino) == loc.as_ref();
+        let fh = self.add_handle(Handle::File {
+            ino,
+            open,
+            append: flags & libc::O_APPEND != 0,
+            writable,
+        });
+        Ok(Opened {
+            fh,
+            keep_cache,
+            direct_io: false,
+        })
+    }
+
+    /// Loads the value into `d` if no read or write has needed it yet.
+    /// Returns whether it was already there (a cache hit).
+    pub(super) async fn ensure_loaded(
+        &self,
+        ino: u64,
+        path: &str,
+        d: &mut FileData,
+    ) -> FsResult<bool> {
+        if d.content.is_some() {
+            return Ok(true);
+        }
+        let loc = d.open_loc.or_else(|| self.location_of(ino, path));
+        let spill = &self.cfg.spill_dir;
+        d.content = Some(match loc {
+            None => Content::empty(spill),
+            Some(loc) => match self.small_values.take(loc) {
+                Some(v) => Content::from_bytes(v.into_bytes(), spill)?,
+                None if self
+                    .meta
+                    .get(loc)
+                    .is_some_and(|m| m.len > content::SPILL_BYTES) =>
+                {
+                    // Straight into a temporary file: a large value is not held in memory.
+                    let file = Content::spill_file(spill)?;
+                    let (len, _) = self.db.get_into_file(path, loc, &file).await?;
+                    Content::from_spill_file(file, len, spill)
+                }
+                None => {
+                    let v = match self.db.get_at(path, loc).await {
+                        // Another writer's compaction removed that version's
+                        // file: read what the name holds now.
+                        Err(crate::Error::Store(crate::remote::StoreError::NotFound {
+                            ..
+                        })) => self.db.get(path).await?.ok_or(FsError::NotFound)?,
+                        other => other?,
+                    };
+                    Content::from_bytes(v.into_bytes(), spill)?
+                }
+            },
+        });
+        d.base = loc;
+        if let Some(loc) = loc {
+            if let Some(m) = self.meta.get(loc) {
+                d.mtime = m.mtime;
+            }
+            lock(&self.cached).insert(ino, loc);
+        }
+        Ok(false)
+    }
+
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        match &*self.handle(fh)? {
+            Handle::Control { snapshot, .. } => {
+                let start = (offset as usize).min(snapshot.len());
+                let end = (start + size as usize).min(snapshot.len());
+                Ok(snapshot[start..end].to_vec())
+            }
+            Handle::Dir { .. } => Err(FsError::IsDir),
+            Handle::File { ino, open, .. } => {
+                let (path, _) = self.node(*ino)?;
+                let mut d = open.data.lock().await;
+                if self.ensure_loaded(*ino, &path, &mut d).await? {
+                    self.cache_hits.fetch_add(1, Ordering::Relaxed);
+                }
+                let content = d.content.as_ref().expect("loaded");
+                Ok(content.read(offset, size)?)
+            }
+        }
+    }
+
+    /// Writes into the open file (or runs a control operation). Returns the
+    /// bytes taken.
+    pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let h = self.handle(fh)?;
+        match &*h {
+            Handle::Control { file, .. } => {
+                self.run_control(*file).await?;
+                Ok(data.len() as u32)
+            }
+            Handle::Dir { .. } => Err(FsError::IsDir),
+            Handle::File {
+                ino,
+                open,
+                append,
+                writable,
+            } => {
+                if !*writable {
+                    return Err(FsError::BadHandle);
+                }
+                self.check_writable()?;
+                let (path, _) = self.node(*ino)?;
+                let mut d = open.data.lock().await;
+                self.ensure_loaded(*ino, &path, &mut d).await?;
+                let content = d.content.as_mut().expect("loaded");
+                let offset = if *append { content.len() } else { offset };
+                let end = offset + data.len() as u64;
+                check_entry_size(&path, end)?;
+                content.write(offset, data)?;
+                d.dirty = true;
+                d.mtime = SystemTime::now();
+                Ok(data.len() as u32)
+            }
+        }
+    }
+
+    /// Puts the open file's bytes if they changed: the one put per close.
+    pub(super) async fn commit_open(&self, ino: u64, open: &OpenFile) -> FsResult<()> {
+        let mut d = open.data.lock().await;
+        if !d.dirty || d.unlinked {
+            return Ok(());
+        }
+        let (path, _) = self.node(ino)?;
+        let content = d.content.as_ref().expect("dirty content is loaded");
+        let len = content.len();
+        check_entry_size(&path, len)?;
+        let loc = if content.is_spilled() {
+            // Too large to hold: streamed from the spill file as a raw entry.
+            let binary = !content.is_utf8()?;
+            self.db
+                .put_from_reader(&path, &mut content.reader(), len, binary)?
+        } else {
+            let value = Value::from_bytes_guess(content.to_vec()?);
+            let placed = self.db.apply([(path, Some(value))])?;
+            placed[0].expect("a put is always placed")
+        };
+        self.meta.insert(
+            loc,
+            ValueMeta {
+                len,
+                mtime: d.mtime,
+            },
+        );
+        // The kernel's pages hold what was written: they stay valid.
+        lock(&self.cached).insert(ino, loc);
+        d.base = Some(loc);
+        d.dirty = false;
+        drop(d);
+        self.wrote();
+        Ok(())
+    }
+
+    pub async fn flush(&self, fh: u64) -> FsResult<()> {
+        if let Handle::File { ino, open, .. } = &*self.handle(fh)? {
+            self.commit_open(*ino, open).await?;
+        }
+        Ok(())
+    }
+
+    /// A put, then the data file and pending list made durable on disk.
+    pub async fn fsync(&self, fh: u64) -> FsResult<()> {
+        self.flush(fh).await?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub async fn release(&self, fh: u64) -> FsResult<()> {
+        let h = lock(&self.handles).remove(&fh).ok_or(FsError::BadHandle)?;
+        if let Handle::File { ino, open, .. } = &*h {
+            let result = self.commit_open(*ino, open).await;
+            let last = {
+                let mut files = lock(&self.open_files);
+                let last = open.handles.fetch_sub(1, Ordering::Relaxed) == 1;
+                if last {
+                    files.remove(ino);
+                }
+                last
+            };
+            result?;
+            if last {
+                self.keep_small_value(open).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// The last handle closed: a small clean value stays in the cache, so
+    /// the `>>` or `sed -i` that often follows a read needs no GET.
+    pub(super) async fn keep_small_value(&self, open: &OpenFile) {
+        let d = open.data.lock().await;
+        if let (Some(c), Some(loc), false) = (&d.content, d.base, d.dirty) {
+            if !c.is_spilled() && c.len() <= SMALL_ENTRY as u64 {
+                if let Ok(bytes) = c.to_vec() {
+                    self.small_values.insert(loc, Value::Binary(bytes));
+                }
+            }
+        }
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        lock(&self.handles).remove(&fh);
+    }
+
+    /// chmod, chown and utimens succeed (so `cp -a` and `rsync -a` run
+    /// clean); a new mtime is kept with the value; a size truncates or extends.
+    pub async fn setattr(
+        &self,
+        ino: u64,
+        size: Option<u64>,
+        mtime: Option<SystemTime>,
+    ) -> FsResult<Attr> {
+        if ControlFile::from_ino(ino).is_some() || ino == ROOT_INO || ino == CONTROL_DIR_INO {
+            return self.getattr(ino).await;
+        }
+        self.check_writable()?;
+        let (path, kind) = self.node(ino)?;
+        if kind == NodeKind::Dir {
+            if size.is_some() {
+                return Err(FsError::IsDir);
+            }
+            return Ok(self.dir_attr(ino));
+        }
+        if size.is_some() || mtime.is_some() {
+            if self.location_of(ino, &path).is_none() && !self.created_open_file(&path) {
+                return Err(FsError::NotFound);
+            }
+            let open = self.open_file(ino, || self.unloaded());
+            let result = self.change_open(ino, &path, &open, size, mtime).await;
+            let mut files = lock(&self.open_files);
+            if open.handles.fetch_sub(1, Ordering::Relaxed) == 1 {
+                files.remove(&ino);
+            }
+            drop(files);
+            result?;
+        }
+        self.attr_of(ino, &path, kind).await
+    }
+
+    pub(super) async fn change_open(
+        &self,
+        ino: u64,
+        path: &str,
+        open: &OpenFile,
+        size: Option<u64>,
+        mtime: Option<SystemTime>,
+    ) -> FsResult<()> {
+        let mut d = open.data.lock().await;
+        if let Some(size) = size {
+            check_entry_size(path, size)?;
+            if size == 0 {
+                d.content = Some(Content::empty(&self.cfg.spill_dir));
+            } else {
+                self.ensure_loaded(ino, path, &mut d).await?;
+            }
+            d.content.as_mut().expect("loaded").truncate(size)?;
+            d.dirty = true;
+            d.mtime = SystemTime::now();
+        }
+        if let Some(t) = mtime {
+            d.mtime = t;
+            if !d.dirty {
+                if let Some(loc) = self.db.location(path) {
+                    let m = self.value_meta(path, loc).await?;
+                    self.meta.insert(loc, ValueMeta { mtime: t, ..m });
+                }
+            }
+        }
+        let only_handle = open.handles.load(Ordering::Relaxed) == 1;
+        drop(d);
+        if only_handle {
+            // A truncate(2) by path: no close will follow, so put now.
+            self.commit_open(ino, open).await?;
+        }
+        Ok(())
+    }
+
+    pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        self.check_writable()?;
+        let path = join(&self.dir_path(parent)?, existing_name(name)?);
+        match self.resolve(&path) {
+            None => return Err(FsError::NotFound),
+            Some(NodeKind::Dir) => return Err(FsError::IsDir),
+            Some(NodeKind::File) => {}
+        }
+        self.detach(&path);
+        if self.db.contains_key(&path) {
+            self.db.delete([&path])?;
+            self.wrote();
+        }
+        self.drop_open_file(&path);
+        lock(&self.inodes).unbind(&path);
+        self.keep_parent(&path);
+        Ok(())
+    }
+
+    /// The file at `path` is gone (unlinked or replaced): an open copy of it
+    /// must not be put back by a later close.
+    pub(super) fn drop_open_file(&self, path: &str) {
+        let ino = lock(&self.inodes).ino_of(path);
+        let open = ino.and_then(|i| lock(&self.open_files).get(&i).cloned());
+        if let Some(open) = open {
+            // Uncontended unless a put of it runs right now; then it lands
+            // first and the delete after it still wins.
+            if let Ok(mut d) = open.data.try_lock() {
+                d.unlinked = true;
+            }
+        }
+    }
+
+    /// Puts every open file at or under `path` that has unput bytes.
+    pub(super) async fn commit_open_under(&self, path: &str) -> FsResult<()> {
+        let under = format!("{path}/");
+        let opens: Vec<(u64, Arc<OpenFile>)> = {
+            let inodes = lock(&self.inodes);
+            lock(&self.open_files)
+                .iter()
+                .filter(|(i, _)| {
+                    inodes
+                        .get(**i)
+                        .is_some_and(|(p, _)| p == path || p.starts_with(&under))
+                })
+                .map(|(i, o)| (*i, o.clone()))
+                .collect()
+        };
+        for (ino, open) in opens {
+            self.commit_open(ino, &open).await?;
+        }
+        Ok(())
+    }
+
+    /// rename(2): the new keys and the tombstones of the old ones in one
+    /// batch, so readers and the next upload see all of it or none.
+    pub async fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        new_parent: u64,
+        new_name: &OsStr,
+        flags: u32,
+    ) -> FsResult<()> {
+        self.check_writable()?;
+        if flags & libc::RENAME_EXCHANGE != 0 {
+            return Err(FsError::InvalidArgument("RENAME_EXCHANGE is not supported"));
+        }
+        let from = join(&self.dir_path(parent)?, existing_name(name)?);
+        let to = self.new_path(new_parent, new_name)?;
+        let src = self.resolve(&from).ok_or(FsError::NotFound)?;
+        if from == to {
+            return Ok(());
+        }
+        let dst = self.resolve(&to);
+        if flags & libc::RENAME_NOREPLACE != 0 && dst.is_some() {
+            return Err(FsError::Exists);
+        }
+        if to.starts_with(&format!("{from}/")) {
+            return Err(FsError::InvalidArgument(
+                "cannot move a directory into itself",
+            ));
+        }
+        match (src, dst) {
+            (NodeKind::File, Some(NodeKind::Dir)) => return Err(FsError::IsDir),
+            (NodeKind::Dir, Some(NodeKind::File)) => return Err(FsError::NotDir),
+            (NodeKind::Dir, Some(NodeKind::Dir)) if !self.dir_is_empty(&to) => {
+                return Err(FsError::NotEmpty)
+            }
+            _ => {}
+        }
+        self.commit_open_under(&from).await?;
+        let moves: Vec<(String, String)> = match src {
+            NodeKind::File => vec![(from.clone(), to.clone())],
+            NodeKind::Dir => {
+                let under = format!("{from}/");
+                self.db.read_index(|idx| {
+                    idx.range(under.clone()..)
+                        .take_while(|(k, _)| k.starts_with(&under))
+                        .filter(|(k, _)| key_is_path(k) && !is_shadowed(idx, k))
+                        .map(|(k, _)| (k.clone(), format!("{to}{}", &k[from.len()..])))
+                        .collect()
+                })
+            }
+        };
+        let old: Vec<&str> = moves.iter().map(|(f, _)| f.as_str()).collect();
+        let locs: Vec<Option<Location>> = old.iter().map(|k| self.db.location(k)).collect();
+        let values = self.db.get_many(&old).await?;
+        let mut batch = Vec::with_capacity(moves.len() * 2);
+        for ((f, t), v) in moves.iter().zip(values) {
+            // A key deleted meanwhile is simply not moved.
+            if let Some(v) = v {
+                batch.push((t.clone(), Some(v)));
+                batch.push((f.clone(), None));
+            }
+        }
+        if dst == Some(NodeKind::File) {
+            self.drop_open_file(&to);
+            self.detach(&to);
+        }
+        let placed = self.db.apply(batch)?;
+        // Values did not change: their sizes and mtimes move with them.
+        for (old_loc, new_loc) in locs.iter().zip(placed.iter().step_by(2)) {
+            if let (Some(o), Some(n)) = (old_loc, new_loc) {
+                if let Some(m) = self.meta.get(*o) {
+                    self.meta.insert(*n, m);
+                }
+            }
+        }
+        if src == NodeKind::Dir {
+            let mut dirs = lock(&self.dirs);
+            let under = format!("{from}/");
+            let moved: Vec<String> = dirs
+                .iter()
+                .filter(|d| **d == from || d.starts_with(&under))
+                .cloned()
+                .collect();
+            for d in moved {
+                dirs.remove(&d);
+                dirs.insert(format!("{to}{}", &d[from.len()..]));
+            }
+            if self
+                .db
+                .read_index(|idx| !has_path_under(idx, &format!("{to}/")))
+            {
+                dirs.insert(to.clone());
+            }
+        }
+        lock(&self.inodes).rename(&from, &to);
+        self.keep_parent(&from);
+        self.wrote();
+        Ok(())
+    }
+}

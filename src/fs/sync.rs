@@ -1,0 +1,191 @@
+//! Control files, the debounced upload, the periodic refresh and the upload at unmount.
+
+use super::*;
+
+impl S4Fs {
+    pub(super) fn control_contents(&self, c: ControlFile) -> Vec<u8> {
+        match c {
+            ControlFile::Stats => {
+                let mut s = serde_json::to_string_pretty(&self.stats_json()).unwrap_or_default();
+                s.push('\n');
+                s.into_bytes()
+            }
+            ControlFile::LastError => lock(&self.last_error).clone().into_bytes(),
+            ControlFile::Unmapped => {
+                let keys = self.db.read_index(names::unmapped_keys);
+                let mut out = String::new();
+                for k in keys {
+                    out.push_str(&serde_json::to_string(&k).unwrap_or_default());
+                    out.push('\n');
+                }
+                out.into_bytes()
+            }
+            _ => c.help().as_bytes().to_vec(),
+        }
+    }
+
+    pub fn stats_json(&self) -> serde_json::Value {
+        let s = self.db.stats();
+        serde_json::json!({
+            "store": s.store,
+            "prefix": s.prefix,
+            "keys": s.keys,
+            "files": s.data_files,
+            "bytes": s.live_bytes,
+            "unsynced_writes": s.unsynced_changes,
+            "unpublished_files": s.unpublished_files,
+            "open_files": lock(&self.open_files).len(),
+            "s3_requests": self.store.counts(),
+            "cache_hits": self.cache_hits.load(Ordering::Relaxed),
+            "index_etag": s.index_etag,
+            "writer_id": s.writer_id,
+            "local_dir": s.local_dir,
+            "read_only": self.cfg.read_only,
+            "upload_delay_seconds": self.cfg.upload_delay.map(|d| d.as_secs_f64()),
+            "refresh_interval_seconds": self.cfg.refresh_interval.map(|d| d.as_secs_f64()),
+            "last_error": lock(&self.last_error).clone(),
+        })
+    }
+
+    pub(super) fn record_error(&self, what: &str, e: &dyn std::fmt::Display) {
+        let when = humantime_now();
+        let msg = format!("{when} {what}: {e}\n");
+        tracing::error!("{}", msg.trim_end());
+        *lock(&self.last_error) = msg;
+    }
+
+    /// Runs the operation of an action control file and waits for it.
+    pub async fn run_control(&self, c: ControlFile) -> FsResult<()> {
+        if !c.is_action() {
+            return Err(FsError::NotPermitted("this control file is read-only"));
+        }
+        let mutates = !matches!(c, ControlFile::Refresh | ControlFile::Download);
+        if mutates {
+            self.check_writable()?;
+        }
+        let result = self.control_op(c).await;
+        if let Err(e) = &result {
+            self.record_error(c.name(), e);
+        }
+        result
+    }
+
+    pub(super) async fn control_op(&self, c: ControlFile) -> FsResult<()> {
+        let db = &self.db;
+        match c {
+            ControlFile::Upload => self.upload().await,
+            ControlFile::Download => Ok(db.download(false).await?),
+            ControlFile::Compact => {
+                self.upload().await?;
+                db.compact().await?;
+                Ok(())
+            }
+            ControlFile::RebuildIndex => {
+                db.rebuild_index(true).await?;
+                self.upload().await
+            }
+            ControlFile::Gc => {
+                db.gc(Duration::from_secs(24 * 3600)).await?;
+                Ok(())
+            }
+            ControlFile::Refresh => {
+                if db.has_unsynced_writes() {
+                    return Err(crate::Error::Unsynced(
+                        "refresh would mix in unpublished writes; write to .s4db/upload first"
+                            .into(),
+                    )
+                    .into());
+                }
+                db.refresh().await?;
+                Ok(())
+            }
+            ControlFile::Stats | ControlFile::LastError | ControlFile::Unmapped => {
+                Err(FsError::NotPermitted("this control file is read-only"))
+            }
+        }
+    }
+
+    pub(super) async fn upload(&self) -> FsResult<()> {
+        if self.db.has_unsynced_writes() {
+            self.db.upload().await?;
+        }
+        self.meta.save()?;
+        Ok(())
+    }
+
+    /// Something was put or deleted: schedule the debounced upload.
+    pub(super) fn wrote(&self) {
+        *lock(&self.last_write) = Instant::now();
+        self.upload_wanted.notify_one();
+    }
+
+    /// Uploads `upload_delay` after the last write, forever (spawn it once).
+    pub async fn run_uploader(self: Arc<Self>) {
+        let Some(delay) = self.cfg.upload_delay else {
+            return;
+        };
+        loop {
+            self.upload_wanted.notified().await;
+            loop {
+                let quiet = lock(&self.last_write).elapsed();
+                if quiet >= delay {
+                    break;
+                }
+                tokio::time::sleep(delay - quiet).await;
+            }
+            if let Err(e) = self.upload().await {
+                self.record_error("background upload", &e);
+                tokio::time::sleep(UPLOAD_RETRY).await;
+                self.upload_wanted.notify_one();
+            }
+        }
+    }
+
+    /// Picks up other writers' commits every `refresh_interval`, skipping a
+    /// turn while this mount has writes to publish (forever; spawn it once).
+    pub async fn run_refresher(self: Arc<Self>) {
+        let Some(every) = self.cfg.refresh_interval else {
+            return;
+        };
+        loop {
+            tokio::time::sleep(every).await;
+            if self.db.has_unsynced_writes() {
+                continue;
+            }
+            match self.db.refresh().await {
+                Ok(true) => tracing::info!("picked up another writer's commit"),
+                Ok(false) => {}
+                Err(e) => self.record_error("background refresh", &e),
+            }
+        }
+    }
+
+    /// At unmount: put what open files still hold, upload, and make the
+    /// local directory durable.
+    pub async fn shutdown(&self) -> FsResult<()> {
+        let opens: Vec<(u64, Arc<OpenFile>)> = lock(&self.open_files)
+            .iter()
+            .map(|(i, o)| (*i, o.clone()))
+            .collect();
+        for (ino, open) in opens {
+            if let Err(e) = self.commit_open(ino, &open).await {
+                self.record_error("saving an open file at unmount", &e);
+            }
+        }
+        let mut result = Ok(());
+        if !self.cfg.read_only {
+            for attempt in 1..=3 {
+                result = self.upload().await;
+                match &result {
+                    Ok(()) => break,
+                    Err(e) => {
+                        self.record_error(&format!("upload at unmount (attempt {attempt})"), e)
+                    }
+                }
+            }
+        }
+        self.db.flush()?;
+        self.meta.save()?;
+        result
+    }
+}
