@@ -77,7 +77,17 @@ impl S4Fs {
             ControlFile::Download => Ok(db.download(false).await?),
             ControlFile::Compact => {
                 self.upload().await?;
+                let before: Vec<(String, Location)> =
+                    db.read_index(|idx| idx.iter().map(|(k, l)| (k.clone(), *l)).collect());
                 db.compact().await?;
+                // Values did not change, only where they are: their sizes and
+                // put times move along (so `rsync -a` sees nothing new).
+                for (key, old) in before {
+                    if let (Some(m), Some(new)) = (self.meta.get(old), db.location(&key)) {
+                        self.meta.insert(new, m);
+                    }
+                }
+                self.meta.save()?;
                 Ok(())
             }
             ControlFile::RebuildIndex => {

@@ -261,3 +261,21 @@ proptest! {
         });
     }
 }
+
+#[tokio::test]
+async fn compaction_keeps_sizes_and_mtimes() {
+    let f = fixture(&[]).await;
+    f.write_file("k", b"value").await.unwrap();
+    let ino = f.fs.lookup(ROOT_INO, &os("k")).await.unwrap().ino;
+    let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
+    f.fs.setattr(ino, None, Some(t)).await.unwrap();
+    let before = f.fs.db().location("k");
+    f.fs.run_control(ControlFile::Compact).await.unwrap();
+    assert_ne!(
+        f.fs.db().location("k"),
+        before,
+        "compaction moved the value"
+    );
+    let attr = f.fs.getattr(ino).await.unwrap();
+    assert_eq!((attr.size, attr.mtime), (5, t));
+}
