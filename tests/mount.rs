@@ -43,25 +43,9 @@ type Tree = BTreeMap<String, Vec<u8>>;
 
 // ------------------------------------------------------------------ tools
 
-/// The daemon under test: cargo's path once the crate declares the binary, else the
-/// sibling of this test executable (`target/debug/s4db-mount`), so that the tests
-/// compile before the binary exists.
+/// The daemon under test (cargo builds it for the integration tests).
 fn daemon_bin() -> PathBuf {
-    let path = match option_env!("CARGO_BIN_EXE_s4db-mount") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let exe = std::env::current_exe().expect("current_exe");
-            // target/debug/deps/mount-HASH -> target/debug/s4db-mount
-            let debug = exe.parent().and_then(Path::parent).expect("target dir");
-            debug.join("s4db-mount")
-        }
-    };
-    assert!(
-        path.exists(),
-        "{} does not exist: build it with `cargo build --bin s4db-mount`",
-        path.display()
-    );
-    path
+    PathBuf::from(env!("CARGO_BIN_EXE_s4db-mount"))
 }
 
 /// FUSE must work here: no /dev/fuse or no fusermount3 fails the test, loudly.
@@ -1871,4 +1855,27 @@ fn a_value_past_the_format_limit_fails_with_efbig() {
     m.sh("echo fine > small").ok();
     assert_eq!(m.read("small"), b"fine\n");
     m.unmount();
+}
+
+/// `scripts/bench_mount.sh` keeps working: a tiny N on this build's daemon.
+/// Its figures are not checked (performance lives in the benchmark).
+#[test]
+fn the_mount_benchmark_script_runs() {
+    require_fuse();
+    let bin_dir = daemon_bin().parent().expect("bin dir").to_path_buf();
+    let out = Command::new(common::repo_root().join("scripts/bench_mount.sh"))
+        .args(["3", "1"])
+        .env("S4DB_BENCH_BIN", bin_dir)
+        .output()
+        .expect("run scripts/bench_mount.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench_mount.sh failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("| create 3 files of 256 B + publish |"),
+        "{stdout}"
+    );
 }
