@@ -8,7 +8,7 @@
 //! mount does not ask again.
 
 use crate::format::Location;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -24,6 +24,8 @@ pub struct ValueMeta {
 
 /// One record of the meta file: file id, offset, value length, mtime in ns.
 const RECORD: usize = 32;
+/// Records past twice the live keys tolerated before the file is pruned.
+const PRUNE_SLACK: usize = 4096;
 
 #[derive(Debug)]
 pub struct MetaCache {
@@ -38,34 +40,71 @@ fn key(loc: Location) -> (u64, u64) {
 }
 
 impl MetaCache {
-    /// Loads `path` (if given and present), keeping only the records `live`
-    /// accepts, rewrites it compacted, and appends to it from then on.
-    pub fn open(path: Option<&Path>, live: impl Fn(u64, u64) -> bool) -> io::Result<MetaCache> {
-        let mut map = HashMap::new();
+    /// Loads `path` (if given and present) and appends to it from then on.
+    /// When it holds many more records than the `live_keys` the index has
+    /// (sizes of values since overwritten), it is pruned to the locations
+    /// `live` returns and rewritten; otherwise it is taken as is, so a mount
+    /// does not pay for a set of every location.
+    pub fn open(
+        path: Option<&Path>,
+        live_keys: usize,
+        live: impl FnOnce() -> HashSet<(u64, u64)>,
+    ) -> io::Result<MetaCache> {
+        let mut buf = Vec::new();
         if let Some(p) = path {
             match File::open(p) {
                 Ok(mut f) => {
-                    let mut buf = Vec::new();
                     f.read_to_end(&mut buf)?;
-                    for r in buf.chunks_exact(RECORD) {
-                        let n = |i: usize| u64::from_be_bytes(r[i..i + 8].try_into().unwrap());
-                        if live(n(0), n(8)) {
-                            let mtime = UNIX_EPOCH + Duration::from_nanos(n(24));
-                            map.insert((n(0), n(8)), ValueMeta { len: n(16), mtime });
-                        }
-                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
             }
         }
+        let records = buf.len() / RECORD;
+        let prune = records > 2 * live_keys + PRUNE_SLACK;
+        let live = prune.then(live);
+        let mut map = HashMap::with_capacity(records.min(live_keys + PRUNE_SLACK));
+        for r in buf.chunks_exact(RECORD) {
+            let n = |i: usize| u64::from_be_bytes(r[i..i + 8].try_into().unwrap());
+            if live.as_ref().is_none_or(|l| l.contains(&(n(0), n(8)))) {
+                let mtime = UNIX_EPOCH + Duration::from_nanos(n(24));
+                map.insert((n(0), n(8)), ValueMeta { len: n(16), mtime });
+            }
+        }
+        drop(buf);
         let cache = MetaCache {
             map: Mutex::new(map),
             log: Mutex::new(None),
             path: path.map(Path::to_path_buf),
         };
-        cache.rewrite()?;
+        if prune || records * RECORD != cache.file_len()? {
+            cache.rewrite()?;
+        } else {
+            cache.append()?;
+        }
         Ok(cache)
+    }
+
+    fn file_len(&self) -> io::Result<usize> {
+        match self.path.as_ref().map(std::fs::metadata) {
+            Some(Ok(m)) => Ok(m.len() as usize),
+            Some(Err(e)) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+            Some(Err(e)) => Err(e),
+            None => Ok(0),
+        }
+    }
+
+    /// Appends new records to the file as it is.
+    fn append(&self) -> io::Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let f = OpenOptions::new().create(true).append(true).open(path)?;
+        *self.log.lock().unwrap() = Some(BufWriter::new(f));
+        Ok(())
     }
 
     pub fn get(&self, loc: Location) -> Option<ValueMeta> {
@@ -114,9 +153,7 @@ impl MetaCache {
         }
         w.flush()?;
         std::fs::rename(&tmp, path)?;
-        let f = OpenOptions::new().append(true).open(path)?;
-        *self.log.lock().unwrap() = Some(BufWriter::new(f));
-        Ok(())
+        self.append()
     }
 }
 
@@ -146,13 +183,23 @@ mod tests {
             length: 30,
         };
         let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        let cache = MetaCache::open(Some(&path), |_, _| true).unwrap();
+        let cache = MetaCache::open(Some(&path), 2, HashSet::new).unwrap();
         cache.insert(loc(9), ValueMeta { len: 5, mtime: t });
         cache.insert(loc(40), ValueMeta { len: 6, mtime: t });
         cache.save().unwrap();
         drop(cache);
-        let cache = MetaCache::open(Some(&path), |_, off| off == 9).unwrap();
+        // Few records: taken as they are.
+        let cache = MetaCache::open(Some(&path), 2, || panic!("no pruning needed")).unwrap();
+        assert_eq!(cache.get(loc(40)), Some(ValueMeta { len: 6, mtime: t }));
+        for offset in 100..(100 + 2 * PRUNE_SLACK as u64) {
+            cache.insert(loc(offset), ValueMeta { len: 1, mtime: t });
+        }
+        cache.save().unwrap();
+        drop(cache);
+        // Many dead records: pruned to what is live.
+        let cache = MetaCache::open(Some(&path), 1, || [(7, 9)].into()).unwrap();
         assert_eq!(cache.get(loc(9)), Some(ValueMeta { len: 5, mtime: t }));
         assert_eq!(cache.get(loc(40)), None);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), RECORD as u64);
     }
 }

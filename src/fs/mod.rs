@@ -186,9 +186,9 @@ impl S4Fs {
     /// The filesystem over `db`, whose store is `store` (counted for stats).
     /// Call within the tokio runtime that is to run its background work.
     pub fn new(db: S4db, store: Arc<MeteredStore>, cfg: FsConfig) -> FsResult<Arc<S4Fs>> {
-        let live: std::collections::HashSet<(u64, u64)> =
-            db.read_index(|idx| idx.values().map(|l| (l.file_id, l.offset)).collect());
-        let meta = MetaCache::open(cfg.meta_path.as_deref(), |f, o| live.contains(&(f, o)))?;
+        let meta = MetaCache::open(cfg.meta_path.as_deref(), db.len(), || {
+            db.read_index(|idx| idx.values().map(|l| (l.file_id, l.offset)).collect())
+        })?;
         Ok(Arc::new(S4Fs {
             db,
             store,
