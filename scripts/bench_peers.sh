@@ -1,0 +1,756 @@
+#!/usr/bin/env bash
+# s4db-mount against its peers, s3fs-fuse and rclone mount, side by side: the same
+# workloads through each FUSE mount, all against ONE moto_server, behind a proxy that adds
+# network latency (scripts/latency_proxy.py) so that each tool's request pattern costs what
+# it would against real S3, and that counts every request each tool sends.
+#
+#   scripts/bench_peers.sh [--n N] [--runs R] [--rtt-ms MS[,MS...]] [--cap S] [--quick]
+#
+#   --n N        small files in the create/ls/read/rm workloads (default 1000)
+#   --runs R     runs per tool; times are medians (default 3)
+#   --rtt-ms L   added round-trip time, comma-separated for several passes (default 20);
+#                0 = straight to moto, no proxy, so no request counts (s4db's own stats stay)
+#   --cap S      a peer's workload still running after max(S, 2 × s4db's time for it)
+#                seconds is stopped and shown as "> X s" (default 20)
+#   --quick      smoke test: N=20, one run, 4 MiB fio file
+#
+# Output: per RTT, a markdown table on stdout and in target/bench/peers-<rtt>ms.md, all raw
+# numbers in target/bench/peers-<rtt>ms.json (scripts/bench_chart.py draws them), and the
+# proxy's request log in target/bench/peers-<rtt>ms-requests.log.
+#
+# Installs s3fs, rclone, fio and bc with apt-get when missing; needs .venv-test/py10
+# (moto_server; `scripts/test.sh --setup-only` makes it). Builds the release binaries, or
+# uses S4DB_BENCH_BIN=DIR. A default run takes about 8 minutes on 2 cores.
+#
+# Fairness rules:
+# - Every tool mounts with its defaults plus what it needs to work here: rclone gets
+#   --vfs-cache-mode writes (without it, it cannot even append) and --vfs-write-back 0s
+#   (upload at close, rather than 5 s later); s4db gets --upload-delay never, so that
+#   publishing is the explicit `.s4db/upload` a workload ends with, and
+#   --refresh-interval never (no background index polls in the request counts).
+# - A workload that writes ends when its result is in S3: s4db after `echo >
+#   .s4db/upload` returns; s3fs after close (it uploads synchronously) and `sync`; rclone
+#   when its write-back queue is empty and the bucket listing shows the result. After each
+#   one, what it should have left in the bucket is checked (untimed); a miss is "fail".
+# - Reads run on a fresh mount with fresh cache directories, as on a new machine.
+# - Budget: s3fs needs minutes for what s4db does in seconds, so the peers are capped,
+#   at twice s4db's time for the same workload and at least --cap seconds (s4db runs
+#   first; it has only a hang guard). A capped entry's ratio is then a lower bound. A
+#   workload that took more than REPEAT_UNDER_S in the first run (or hit the cap) is not
+#   run again: its median is that one run (marked †), whose noise is small against its
+#   length anyway. The data a skipped or capped workload would have left for the ones
+#   after it is put straight into the bucket (s4db: written through the mount) instead.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$(pwd)
+
+N=1000
+RUNS=3
+RTTS=20
+CAP_S=20
+CAP_RATIO=2
+S4DB_CAP_S=300 # a hang guard, not a limit: s4db's times set the peers' caps
+QUICK=0
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+  --n) N=$2; shift 2 ;;
+  --runs) RUNS=$2; shift 2 ;;
+  --rtt-ms) RTTS=$2; shift 2 ;;
+  --cap) CAP_S=$2; shift 2 ;;
+  --quick) QUICK=1; shift ;;
+  -h | --help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+  *) echo "bench_peers.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+BIG_MIB=64
+if [[ $QUICK -eq 1 ]]; then
+  N=20 RUNS=1 BIG_MIB=4
+fi
+REPEAT_UNDER_S=5
+K=$((N < 100 ? N : 100)) # files renamed, and as many others appended to
+TOOLS=(s4db s3fs rclone)
+
+# ---- tools (the apt_install pattern of scripts/test.sh)
+SUDO=""
+if [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null; then SUDO="sudo"; fi
+APT_UPDATED=0
+apt_install() {
+  if [[ $APT_UPDATED -eq 0 ]]; then
+    $SUDO apt-get update -q
+    APT_UPDATED=1
+  fi
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@"
+}
+command -v fusermount3 >/dev/null || apt_install fuse3
+command -v s3fs >/dev/null || apt_install s3fs
+command -v rclone >/dev/null || apt_install rclone
+command -v fio >/dev/null || apt_install fio
+command -v bc >/dev/null || apt_install bc
+
+PY="$ROOT/.venv-test/py10/bin/python"
+MOTO_SERVER="${S4DB_MOTO_SERVER:-$ROOT/.venv-test/py10/bin/moto_server}"
+[[ -x "$PY" && -x "$MOTO_SERVER" ]] || "$ROOT/scripts/test.sh" --setup-only
+if [[ -n "${S4DB_BENCH_BIN:-}" ]]; then
+  BIN="$S4DB_BENCH_BIN"
+else
+  cargo build --release --bins -q
+  BIN="$ROOT/target/release"
+fi
+OUT="$ROOT/target/bench"
+mkdir -p "$OUT"
+
+# Explicit credentials for every tool, nothing from the environment or ~/.aws. The
+# environment's AWS_CA_BUNDLE makes rclone fail on a plain-HTTP endpoint; proxies must not
+# see loopback traffic.
+export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_REGION=us-east-1
+export AWS_CONFIG_FILE=/nonexistent AWS_SHARED_CREDENTIALS_FILE=/nonexistent
+unset AWS_CA_BUNDLE AWS_PROFILE AWS_ENDPOINT_URL AWS_ENDPOINT_URL_S3 AWS_DEFAULT_REGION
+unset http_proxy https_proxy HTTP_PROXY HTTPS_PROXY all_proxy ALL_PROXY
+export NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost
+
+# ---- everything started is tracked and stopped on exit, whatever happens
+WORK=$(mktemp -d /tmp/s4db-bench-peers.XXXXXX)
+PIDS=() # every daemon started, stopped by pid at exit
+MNT=""      # the mount in use, if any
+WORKLOAD="" # the workload running, if any
+cleanup() {
+  set +e
+  [[ -n "$WORKLOAD" ]] && kill "$WORKLOAD" 2>/dev/null # timeout(1) passes it on
+  if [[ -n "$MNT" ]] && grep -q " $MNT " /proc/self/mountinfo; then
+    fusermount3 -uz "$MNT" 2>/dev/null
+  fi
+  # Newest first: a mount daemon, then the proxy, then moto, each still reachable by the
+  # one before while it stops.
+  local i pid
+  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+    pid=${PIDS[i]}
+    kill "$pid" 2>/dev/null
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null
+  done
+  if [[ -d "$WORK" ]]; then # the daemons' logs, for a post-mortem
+    mkdir -p "$OUT/peers-logs"
+    cp "$WORK"/*.log "$OUT/peers-logs/" 2>/dev/null
+  fi
+  # --one-file-system: never delete through a mount that is somehow still there.
+  rm -rf --one-file-system "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+forget() { # forget PID: it has exited; never signal a pid that may have been reused
+  local p keep=()
+  for p in "${PIDS[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
+  PIDS=("${keep[@]}")
+}
+free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+now() { date +%s.%N; }
+elapsed() { echo "$(now) - $1" | bc; }
+log() { echo "bench_peers.sh: $*" >&2; }
+
+# ---- the helper: bucket set-up, checks, rclone's write-back wait, the report
+# Talks to moto directly, so set-up and checks never pass the proxy nor count as a tool's
+# requests; signs its requests itself rather than import boto3, whose import alone would
+# add 0.3 s to every rclone write workload's wait.
+cat >"$WORK/peers.py" <<'PYEOF'
+import argparse, datetime, hashlib, hmac, json, os, re, statistics, subprocess, sys, time
+import urllib.parse, urllib.request
+import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
+
+def sigv4(method, url):
+    """SigV4 headers for the bench credentials. moto does not check signatures, but it
+    takes the account from them: an unsigned request is anonymous and may not overwrite
+    an object a tool wrote."""
+    u = urllib.parse.urlsplit(url)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    amzdate, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
+    q = sorted(urllib.parse.parse_qsl(u.query, keep_blank_values=True))
+    query = "&".join(f"{urllib.parse.quote(k, safe='-_.~')}={urllib.parse.quote(v, safe='-_.~')}"
+                     for k, v in q)
+    headers = {"host": u.netloc, "x-amz-content-sha256": "UNSIGNED-PAYLOAD", "x-amz-date": amzdate}
+    signed = ";".join(headers)
+    canonical = "\n".join([method, urllib.parse.quote(u.path or "/", safe="/-_.~"), query,
+                           "".join(f"{k}:{v}\n" for k, v in headers.items()), signed,
+                           "UNSIGNED-PAYLOAD"])
+    scope = f"{day}/us-east-1/s3/aws4_request"
+    to_sign = "\n".join(["AWS4-HMAC-SHA256", amzdate, scope,
+                         hashlib.sha256(canonical.encode()).hexdigest()])
+    key = ("AWS4" + os.environ["AWS_SECRET_ACCESS_KEY"]).encode()
+    for part in (day, "us-east-1", "s3", "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    sig = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    headers["Authorization"] = (f"AWS4-HMAC-SHA256 Credential={os.environ['AWS_ACCESS_KEY_ID']}/"
+                                f"{scope}, SignedHeaders={signed}, Signature={sig}")
+    del headers["host"]
+    return headers
+
+def http(method, url, data=None):
+    # urllib's default form Content-Type makes moto try to parse the body, and hang.
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/octet-stream",
+                                          **sigv4(method, url)})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return r.read()
+
+def listing(ep, bucket, prefix=""):
+    """{key: size} of every object under prefix."""
+    out, token = {}, None
+    ns = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+    while True:
+        q = {"list-type": "2", "prefix": prefix}
+        if token:
+            q["continuation-token"] = token
+        root = ET.fromstring(http("GET", f"{ep}/{bucket}?{urllib.parse.urlencode(q)}"))
+        for c in root.iter(ns + "Contents"):
+            out[c.find(ns + "Key").text] = int(c.find(ns + "Size").text)
+        token = root.findtext(ns + "NextContinuationToken")
+        if root.findtext(ns + "IsTruncated") != "true" or not token:
+            return out
+
+SPEC = re.compile(r"^(!?)([^\[=*]*)(?:\[(\d+)-(\d+)\])?(\*?)(?:=(\d+))?$")
+
+def expand(spec):
+    """'d/f[1-10]=256' -> (absent?, [keys], size or None, whole-prefix?)"""
+    m = SPEC.match(spec)
+    if not m:
+        sys.exit(f"bad spec {spec}")
+    neg, prefix, a, b, star, size = m.groups()
+    keys = [f"{prefix}{i}" for i in range(int(a), int(b) + 1)] if a else [prefix]
+    return bool(neg), keys, int(size) if size else None, bool(star)
+
+def misses(objects, specs):
+    """What the bucket ({key: size, None where unknown}) lacks against the specs."""
+    bad = []
+    for spec in specs:
+        neg, keys, size, star = expand(spec)
+        if star:
+            found = [k for k in objects if k.startswith(keys[0])]
+            if neg and found:
+                bad.append(f"{len(found)} objects still under {keys[0]}")
+            continue
+        for k in keys:
+            if neg and k in objects:
+                bad.append(f"{k} still there")
+            elif not neg and k not in objects:
+                bad.append(f"{k} missing")
+            elif not neg and None not in (size, objects[k]) and objects[k] != size:
+                bad.append(f"{k} has {objects[k]} bytes, not {size}")
+    return bad
+
+def s4db_objects(a):
+    """The keys of an s4db database (its CLI, straight to moto); sized only for the first
+    key of each sized spec (one `get` each), which is check enough."""
+    base = ["--endpoint-url", a.endpoint, "--force-path-style", "--region", "us-east-1"]
+    out = subprocess.run([a.s4db, "keys", a.bucket, *base], check=True, capture_output=True)
+    objects = dict.fromkeys(out.stdout.decode().splitlines())
+    for spec in a.specs:
+        neg, keys, size, _ = expand(spec)
+        if not neg and size is not None and keys[0] in objects:
+            v = subprocess.run([a.s4db, "get", a.bucket, keys[0], *base], capture_output=True)
+            objects[keys[0]] = len(v.stdout)
+    return objects
+
+def cmd_check(a):
+    objects = s4db_objects(a) if a.s4db else listing(a.endpoint, a.bucket)
+    bad = misses(objects, a.specs)
+    if bad:
+        print(f"check {a.bucket}: {len(bad)} problems: {', '.join(bad[:5])}", file=sys.stderr)
+        sys.exit(1)
+
+RCLONE_EVENT = re.compile(r"^\S+ \S+ (?:INFO|ERROR|NOTICE) *: (.+?): (vfs cache: queuing for upload|"
+                          r"Copied \(|vfs cache: item close failed|Failed to copy)")
+
+def cmd_wait_rclone(a):
+    """Waits until rclone has uploaded every file queued since OFFSET of its log, and
+    each expected key at least once.
+
+    With --vfs-write-back 0s rclone uploads inside the kernel's RELEASE of the file, which
+    close() does not wait for, and outside the write-back queue that `rc vfs/stats`
+    counts; its -v log is the one place that says when each upload ended. Polling the
+    bucket instead is not safe: moto 5.2.5 computes a new object's ETag lazily from a
+    shared file, and a listing that races rclone's post-upload HEAD makes it cache a
+    wrong MD5; rclone then reports "corrupted on transfer" and deletes the object it
+    just uploaded (seen here on the 64 MiB fio file)."""
+    expected = set()
+    for spec in a.specs:
+        neg, keys, _, star = expand(spec)
+        if not neg and not star:
+            expected.update(keys)
+    queued, done = {}, {}
+    deadline, stable = time.time() + a.timeout, 0
+    with open(a.log, errors="replace") as f:
+        f.seek(a.offset)
+        while time.time() < deadline:
+            for line in f.readlines():
+                m = RCLONE_EVENT.match(line)
+                if m:
+                    d = queued if m.group(2).startswith("vfs cache: queuing") else done
+                    d[m.group(1)] = d.get(m.group(1), 0) + 1
+            idle = all(done.get(k, 0) >= n for k, n in queued.items())
+            # Twice in a row: the last file's RELEASE may reach rclone just after close().
+            stable = stable + 1 if idle and all(k in done for k in expected) else 0
+            if stable >= 2:
+                return
+            time.sleep(0.02)
+    sys.exit(f"rclone: uploads still pending after {a.timeout} s")
+
+def cmd_seed(a):
+    """Puts what the workloads need and is not there yet (256 B d/f* and e/f*, 64 KiB
+    p/k*, big.bin)."""
+    have = listing(a.endpoint, a.bucket)
+    want = {f"d/f{i}": 256 for i in range(1, a.d + 1)}
+    want.update({f"e/f{i}": 256 for i in range(1, a.e + 1)})
+    want.update({f"p/k{i}": 65536 for i in range(1, a.p + 1)})
+    if a.big:
+        want["big.bin"] = a.big
+    todo = [(k, n) for k, n in want.items() if have.get(k) != n]
+    put = lambda kn: http("PUT", f"{a.endpoint}/{a.bucket}/{kn[0]}", os.urandom(kn[1]))
+    with ThreadPoolExecutor(8) as ex:
+        list(ex.map(put, todo))
+    if todo:
+        print(f"seeded {len(todo)} objects into {a.bucket}", file=sys.stderr)
+
+def cmd_stats(a):
+    try:
+        with open(f"{a.mnt}/.s4db/stats") as f:
+            print(json.dumps(json.load(f)["s3_requests"], separators=(",", ":")))
+    except (OSError, ValueError, KeyError):
+        print("{}")
+
+# ---- the report
+def kind(method, target, flags):
+    path, _, query = target.partition("?")
+    key = path.lstrip("/").partition("/")[2]
+    if "copy" in flags:
+        return "COPY"
+    if method == "GET":
+        return "GET" if key else "LIST"
+    if method == "POST" and "delete" in query:
+        return "DELETE(multi)"
+    return method
+
+def fmt_s(v):
+    return f"{v:.3f}" if v < 10 else f"{v:.1f}"
+
+def fmt_ratio(r):
+    return f"{r:.0f}×" if r >= 10 else f"{r:.1f}×" if r >= 1 else f"{r:.2f}×"
+
+def cmd_report(a):
+    meta = json.loads(a.meta)
+    loglines = open(a.log).read().splitlines() if a.log and os.path.exists(a.log) else None
+    rows = [l.split("\t") for l in open(a.raw).read().splitlines() if l]
+    tools, labels = meta["tools"], meta["workloads"]
+    res = {w: {t: {"runs": []} for t in tools} for w in labels}
+    for tool, wid, run, secs, status, cap, ra, rb, sa, sb in rows:
+        r = {"run": int(run), "seconds": float(secs), "status": status, "cap_s": int(cap)}
+        if loglines is not None and ra != "-":
+            kinds = {}
+            for line in loglines[int(ra):int(rb)]:
+                f = line.split()
+                k = kind(f[2], f[3], f[4:])
+                kinds[k] = kinds.get(k, 0) + 1
+            r["requests"] = sum(kinds.values())
+            r["requests_by_kind"] = dict(sorted(kinds.items()))
+        if tool == "s4db" and sa not in ("-", "{}") and sb not in ("-", "{}"):
+            sa, sb = json.loads(sa), json.loads(sb)
+            r["s4db_stats"] = {k: sb[k] - sa.get(k, 0) for k in sb if k != "max_in_flight"}
+            r["s4db_stats"]["max_in_flight"] = sb.get("max_in_flight")
+        res[wid][tool]["runs"].append(r)
+    for wid in labels:
+        for tool in tools:
+            e = res[wid][tool]
+            ok = [r for r in e["runs"] if r["status"] == "ok"]
+            statuses = {r["status"] for r in e["runs"]}
+            if ok:
+                e["status"], e["median_s"] = "ok", statistics.median(r["seconds"] for r in ok)
+                base = ok
+            elif "timeout" in statuses:
+                e["status"], e["median_s"], base = "timeout", None, e["runs"]
+                e["cap_s"] = max(r["cap_s"] for r in e["runs"] if r["status"] == "timeout")
+            else:
+                e["status"], e["median_s"], base = ("fail" if e["runs"] else "not run"), None, e["runs"]
+            e["n_runs"] = len(ok)
+            counts = sorted((r["requests"], i) for i, r in enumerate(base) if "requests" in r)
+            if counts:  # the run with the median request count, by kind too
+                mid = base[counts[(len(counts) - 1) // 2][1]]
+                e["requests"], e["requests_by_kind"] = mid["requests"], mid["requests_by_kind"]
+            st = [r["s4db_stats"] for r in base if "s4db_stats" in r]
+            if st:
+                e["s4db_stats"] = st[(len(st) - 1) // 2]
+    doc = dict(meta, results=res)
+    with open(a.out + ".json", "w") as f:
+        json.dump(doc, f, indent=1)
+
+    names = meta["tool_names"]
+    def cell(e):
+        if e["status"] == "ok":
+            return fmt_s(e["median_s"]) + (" †" if e["n_runs"] < meta["runs"] else "")
+        return f"> {e['cap_s']} s" if e["status"] == "timeout" else e["status"]
+    def reqs(e):
+        return str(e["requests"]) if "requests" in e else "-"
+    def ratio(peer, ours):
+        if ours["status"] == "ok" and peer["status"] == "ok":
+            return fmt_ratio(peer["median_s"] / ours["median_s"])
+        if ours["status"] == "ok" and peer["status"] == "timeout":
+            return "> " + fmt_ratio(peer["cap_s"] / ours["median_s"])
+        if ours["status"] == "timeout" and peer["status"] == "ok":
+            return "< " + fmt_ratio(peer["median_s"] / ours["cap_s"])
+        return "-"
+    def stats(e):
+        s = e.get("s4db_stats")
+        if not s:
+            return "-"
+        return " ".join(f"{k}={v}" for k, v in s.items() if k != "max_in_flight" and v) or "none"
+    peers = [t for t in tools if t != "s4db"]
+    lines = [f"### {meta['title']}", "", meta["subtitle"], ""]
+    head = ["workload"]
+    for t in tools:
+        head += [f"{names[t]} s", "req"]
+    head += [f"{names[p]} ÷ s4db" for p in peers] + ["s4db `.s4db/stats`"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for wid, label in labels.items():
+        row = [label]
+        for t in tools:
+            row += [cell(res[wid][t]), reqs(res[wid][t])]
+        row += [ratio(res[wid][p], res[wid]["s4db"]) for p in peers]
+        row.append(stats(res[wid]["s4db"]))
+        lines.append("| " + " | ".join(row) + " |")
+    if loglines is not None:
+        lines += ["", "Requests by kind (as the proxy saw them; LIST = GET of the bucket):", "",
+                  "| workload | " + " | ".join(names[t] for t in tools) + " |",
+                  "|" + "---|" * (len(tools) + 1)]
+        for wid, label in labels.items():
+            row = [label]
+            for t in tools:
+                k = res[wid][t].get("requests_by_kind")
+                row.append(", ".join(f"{v} {n}" for n, v in k.items()) if k else ("none" if k == {} else "-"))
+            lines.append("| " + " | ".join(row) + " |")
+    lines += ["", meta["footnote"], ""]
+    text = "\n".join(lines)
+    with open(a.out + ".md", "w") as f:
+        f.write(text)
+    print(text)
+
+ap = argparse.ArgumentParser()
+sub = ap.add_subparsers(dest="cmd", required=True)
+p = sub.add_parser("mkbucket"); p.add_argument("endpoint"); p.add_argument("bucket")
+p.set_defaults(fn=lambda a: http("PUT", f"{a.endpoint}/{a.bucket}"))
+p = sub.add_parser("check"); p.add_argument("endpoint"); p.add_argument("bucket")
+p.add_argument("specs", nargs="+"); p.add_argument("--s4db"); p.set_defaults(fn=cmd_check)
+p = sub.add_parser("wait-rclone"); p.add_argument("log"); p.add_argument("offset", type=int)
+p.add_argument("specs", nargs="*"); p.add_argument("--timeout", type=float, default=600)
+p.set_defaults(fn=cmd_wait_rclone)
+p = sub.add_parser("seed"); p.add_argument("endpoint"); p.add_argument("bucket")
+for o in ("--d", "--e", "--p", "--big"):
+    p.add_argument(o, type=int, default=0)
+p.set_defaults(fn=cmd_seed)
+p = sub.add_parser("stats"); p.add_argument("mnt"); p.set_defaults(fn=cmd_stats)
+p = sub.add_parser("report"); p.add_argument("--raw", required=True); p.add_argument("--log")
+p.add_argument("--meta", required=True); p.add_argument("--out", required=True)
+p.set_defaults(fn=cmd_report)
+a = ap.parse_args()
+a.fn(a)
+PYEOF
+helper() { "$PY" "$WORK/peers.py" "$@"; }
+
+# ---- moto: one server for everything
+MOTO_PORT=$(free_port)
+MOTO="http://127.0.0.1:$MOTO_PORT"
+"$MOTO_SERVER" -H 127.0.0.1 -p "$MOTO_PORT" >"$WORK/moto.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do
+  "$PY" -c "import urllib.request, sys; urllib.request.urlopen(sys.argv[1], timeout=1)" "$MOTO" 2>/dev/null && break
+  kill -0 "${PIDS[0]}" 2>/dev/null || { cat "$WORK/moto.log" >&2; exit 1; }
+  sleep 0.2
+done
+log "moto at $MOTO"
+
+printf 'bench:bench\n' >"$WORK/s3fs.passwd"
+chmod 600 "$WORK/s3fs.passwd"
+head -c 192 /dev/urandom | base64 -w0 >"$WORK/small" # 256 B of text
+MNT="$WORK/mnt"
+mkdir -p "$MNT"
+
+# ---- mounting. Every daemon runs in the foreground, in the background of this script,
+# so its pid is known (to wait for its exit after unmounting, or to stop it at exit).
+DAEMON=""
+RCLONE_LOG="$WORK/rclone.log"
+RCLONE_MOUNTED_AT=0 # rclone's log size when the mount started
+mount_tool() { # mount_tool TOOL BUCKET: mount on $MNT with fresh cache directories
+  local tool=$1 bucket=$2 cache
+  cache=$(mktemp -d "$WORK/cache-$tool.XXXX")
+  case $tool in
+  s4db)
+    "$BIN/s4db-mount" -f --endpoint-url "$EP" --force-path-style --region us-east-1 \
+      --upload-delay never --refresh-interval never "$bucket" "$MNT" --local-dir "$cache" \
+      >>"$WORK/$tool.log" 2>&1 &
+    ;;
+  s3fs)
+    s3fs "$bucket" "$MNT" -f \
+      -o "url=$EP,use_path_request_style,passwd_file=$WORK/s3fs.passwd,nonempty" \
+      >>"$WORK/$tool.log" 2>&1 &
+    ;;
+  rclone)
+    # -v: its log tells when each upload ended (see wait-rclone).
+    RCLONE_MOUNTED_AT=$(logsize)
+    rclone --config "$WORK/rclone.conf" mount "remote:$bucket" "$MNT" --cache-dir "$cache" \
+      --vfs-cache-mode writes --vfs-write-back 0s -v >>"$RCLONE_LOG" 2>&1 &
+    ;;
+  esac
+  DAEMON=$!
+  PIDS+=("$DAEMON")
+  for _ in $(seq 300); do
+    grep -q " $MNT " /proc/self/mountinfo && return 0
+    kill -0 "$DAEMON" 2>/dev/null || break
+    sleep 0.05
+  done
+  log "$tool did not mount $bucket; its log:"
+  tail -20 "$WORK/$tool.log" >&2
+  exit 1
+}
+unmount_tool() {
+  local i
+  for i in $(seq 50); do # busy for a moment after a workload was killed at the cap
+    fusermount3 -u "$MNT" 2>/dev/null && break
+    [[ $i -eq 50 ]] && fusermount3 -uz "$MNT"
+    sleep 0.2
+  done
+  for _ in $(seq 300); do
+    if ! kill -0 "$DAEMON" 2>/dev/null; then
+      wait "$DAEMON" 2>/dev/null || true
+      forget "$DAEMON"
+      return 0
+    fi
+    sleep 0.1
+  done
+  log "daemon $DAEMON still running 30 s after unmount; stopping it"
+  kill "$DAEMON" 2>/dev/null || true
+}
+logsize() { stat -c %s "$RCLONE_LOG" 2>/dev/null || echo 0; }
+mounted() { grep -q " $MNT " /proc/self/mountinfo && kill -0 "$DAEMON" 2>/dev/null; }
+
+# How a tool's write workload ends: with its result in S3 (see "Fairness rules" above).
+publish_cmd() { # publish_cmd TOOL WID SPEC...
+  local tool=$1 wid=$2
+  shift 2
+  case $tool:$wid in
+  s4db:*) echo "echo > .s4db/upload" ;;
+  s3fs:*) echo "sync" ;;
+  # rclone renames and deletes within the system call; files it uploads after close().
+  rclone:mv | rclone:rm) echo "true" ;;
+  rclone:*) echo "'$PY' '$WORK/peers.py' wait-rclone '$RCLONE_LOG' $(logsize)$(printf ' %q' "$@")" ;;
+  esac
+}
+verify() { # verify TOOL BUCKET SPEC...: does the bucket hold what the workload made?
+  local tool=$1 bucket=$2
+  shift 2
+  if [[ $tool == s4db ]]; then
+    helper check "$MOTO" "$bucket" "$@" --s4db "$BIN/s4db"
+  else
+    helper check "$MOTO" "$bucket" "$@"
+  fi
+}
+
+# ---- measuring
+declare -A ONCE # "tool wid" -> set when the workload runs in the first run only
+RAW=""
+reqline() { if [[ -n "$REQLOG" ]]; then wc -l <"$REQLOG"; else echo -; fi; }
+s4stats() { if [[ $1 == s4db ]]; then helper stats "$MNT"; else echo -; fi; }
+peer_cap() { # peer_cap WID: max(CAP_S, CAP_RATIO × s4db's median for WID), whole seconds
+  local m
+  m=$(awk -F'\t' -v w="$1" '$1 == "s4db" && $2 == w && $5 == "ok" { print $4 }' "$RAW" |
+    sort -g | awk '{ a[NR] = $1 } END { print NR ? (NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2) : 0 }')
+  awk -v m="$m" -v floor="$CAP_S" -v k="$CAP_RATIO" \
+    'BEGIN { c = k * m; if (c < floor) c = floor; printf "%d\n", c == int(c) ? c : int(c) + 1 }'
+}
+wants() { # wants WID: is WID measured in this run?
+  [[ $RUN -eq 1 ]] && return 0
+  [[ -z "${ONCE[$TOOL $1]:-}" ]] || return 1
+  # A warm read is only warm after the cold read in the same mount.
+  [[ $1 != warm ]] || wants cold
+}
+timed() { # timed WID COMMAND [SPEC...]: runs COMMAND in the mount (plus the publish step
+  # and the check when SPECs are given), records time, status and the requests it sent
+  local wid=$1 cmd=$2
+  shift 2
+  wants "$wid" || return 0
+  local status=ok ra rb sa sb t0 secs rc=0 cap=$S4DB_CAP_S
+  [[ $TOOL == s4db ]] || cap=$(peer_cap "$wid")
+  if ! mounted; then
+    log "$TOOL: mount gone before $wid"
+    status=fail
+  fi
+  [[ $# -gt 0 ]] && cmd="$cmd && $(publish_cmd "$TOOL" "$wid" "$@")"
+  sa=$(s4stats "$TOOL")
+  ra=$(reqline)
+  t0=$(now)
+  if [[ $status == ok ]]; then
+    # In the background and waited for: a trapped signal interrupts `wait` at once,
+    # where a foreground child would delay the clean-up until it ends.
+    timeout -k 5 "$cap" bash -c "cd '$MNT' && $cmd" >/dev/null 2>"$WORK/err" &
+    WORKLOAD=$!
+    wait "$WORKLOAD" || rc=$?
+    WORKLOAD=""
+  fi
+  secs=$(elapsed "$t0")
+  rb=$(reqline)
+  sb=$(s4stats "$TOOL")
+  if [[ $rc -eq 124 || $rc -eq 137 ]]; then
+    status=timeout
+    # Let the tool finish what the killed command started before anything lists the
+    # bucket (moto's ETag race, see wait-rclone).
+    if [[ $TOOL == rclone ]]; then
+      helper wait-rclone "$RCLONE_LOG" "$RCLONE_MOUNTED_AT" --timeout 120 || true
+    fi
+    sleep 1
+  elif [[ $rc -ne 0 ]]; then
+    status=fail
+    log "$TOOL $wid failed (exit $rc): $(tail -3 "$WORK/err" | tr '\n' ' ')"
+  elif [[ $status == ok && $# -gt 0 ]] && ! verify "$TOOL" "$BUCKET" "$@"; then
+    status=fail
+  fi
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$TOOL" "$wid" "$RUN" "$secs" "$status" \
+    "$cap" "$ra" "$rb" "$sa" "$sb" >>"$RAW"
+  printf '  %-7s run %d  %-7s %8.3f s  %s\n' "$TOOL" "$RUN" "$wid" "$secs" "$status" >&2
+  if [[ $RUN -eq 1 && ($status != ok || $(echo "$secs > $REPEAT_UNDER_S" | bc) -eq 1) ]]; then
+    ONCE[$TOOL $wid]=1
+  fi
+}
+
+# Data the workloads after a skipped or capped one still need: through the mount for
+# s4db (its format), straight into the bucket for the peers (plain objects).
+seed() { # seed D E P BIG: d/f1..D, e/f1..E, p/k1..P, big.bin of BIG bytes
+  if [[ $TOOL == s4db ]]; then
+    (
+      cd "$MNT"
+      mkdir -p d e p
+      for i in $(seq 1 "$1"); do [[ -f d/f$i ]] || cp "$WORK/small" "d/f$i"; done
+      for i in $(seq 1 "$2"); do [[ -f e/f$i ]] || cp "$WORK/small" "e/f$i"; done
+      for i in $(seq 1 "$3"); do [[ -f p/k$i ]] || head -c 65536 /dev/urandom >"p/k$i"; done
+      [[ $4 -eq 0 || -f big.bin ]] || head -c "$4" /dev/urandom >big.bin
+      echo >.s4db/upload
+    )
+  else
+    helper seed "$MOTO" "$BUCKET" --d "$1" --e "$2" --p "$3" --big "$4"
+  fi
+}
+
+FIO=(fio --bs=1M --size="${BIG_MIB}M" --ioengine=psync --filename=big.bin)
+one_run() { # one_run: every workload once for $TOOL in a new bucket
+  BUCKET="$TOOL-${RTT}ms-r$RUN"
+  helper mkbucket "$MOTO" "$BUCKET"
+  local need_d=0 need_e=0 need_p=0 need_big=0 w
+  for w in ls cold warm rm; do wants $w && need_d=$N; done
+  for w in mv append; do wants $w && need_e=$((2 * K)); done
+  for w in seq64 par64; do wants $w && need_p=128; done
+  wants fio_r && ! wants fio_w && need_big=$((BIG_MIB << 20))
+
+  mount_tool "$TOOL" "$BUCKET"
+  timed create "mkdir d && for i in \$(seq 1 $N); do cp '$WORK/small' d/f\$i; done" "d/f[1-$N]=256"
+  seed "$need_d" "$need_e" "$need_p" "$need_big"
+  timed fio_w "${FIO[*]} --name=write --rw=write --fallocate=none --output='$WORK/fio.out'" \
+    "big.bin=$((BIG_MIB << 20))"
+  unmount_tool
+
+  # A new machine: fresh mount, empty caches.
+  mount_tool "$TOOL" "$BUCKET"
+  timed ls "ls -l d"
+  timed cold "cat d/*"
+  timed warm "cat d/*"
+  # The directory is known; the 64 KiB files' contents are not. Two separate halves, so
+  # the parallel reads are as cold as the sequential ones.
+  ls p >/dev/null 2>&1 || true
+  timed seq64 "for i in \$(seq 1 64); do cat p/k\$i; done"
+  timed par64 "seq 65 128 | xargs -P 64 -I{} cat p/k{}"
+  timed fio_r "${FIO[*]} --name=read --rw=read --readonly --output='$WORK/fio.out'"
+  # Renames and appends act on files of their own (e/), never read in this mount: the
+  # same state in every run, whichever reads were skipped (s4db keeps values it has
+  # read, and appending to one then costs no GET).
+  timed mv "for i in \$(seq 1 $K); do mv e/f\$i e/g\$i; done" "e/g[1-$K]=256" "!e/f[1-$K]"
+  timed append "for i in \$(seq $((K + 1)) $((2 * K))); do echo more >> e/f\$i; done" \
+    "e/f[$((K + 1))-$((2 * K))]=261"
+  timed rm "rm -r d" '!d/*'
+  unmount_tool
+}
+
+VERSIONS=$(printf '{"s4db": "%s", "s3fs": "%s", "rclone": "%s", "fio": "%s", "moto": "%s"}' \
+  "$(git rev-parse --short HEAD 2>/dev/null || echo ?)" \
+  "$(s3fs --version 2>/dev/null | head -1 | grep -o 'V[0-9.]*' || echo ?)" \
+  "$(rclone version 2>/dev/null | head -1 | awk '{print $2}')" "$(fio --version)" \
+  "$("$PY" -c 'import moto; print(moto.__version__)')")
+
+for RTT in ${RTTS//,/ }; do
+  REQLOG=""
+  EP="$MOTO"
+  if [[ $RTT != 0 ]]; then
+    REQLOG="$OUT/peers-${RTT}ms-requests.log"
+    : >"$REQLOG"
+    PROXY_PORT=$(free_port)
+    python3 "$ROOT/scripts/latency_proxy.py" "$PROXY_PORT" 127.0.0.1 "$MOTO_PORT" \
+      --rtt-ms "$RTT" --log "$REQLOG" 2>>"$WORK/proxy.log" &
+    PROXY_PID=$!
+    PIDS+=("$PROXY_PID")
+    EP="http://127.0.0.1:$PROXY_PORT"
+    for _ in $(seq 100); do
+      "$PY" -c "import socket, sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), 1)" \
+        "$PROXY_PORT" 2>/dev/null && break
+      sleep 0.1
+    done
+  fi
+  cat >"$WORK/rclone.conf" <<EOF
+[remote]
+type = s3
+provider = Other
+endpoint = $EP
+access_key_id = bench
+secret_access_key = bench
+force_path_style = true
+EOF
+  RAW="$WORK/raw-$RTT.tsv"
+  : >"$RAW"
+  ONCE=()
+  start=$(date +%s)
+  log "RTT $RTT ms: endpoint $EP, N=$N, runs: $RUNS, peers capped at max($CAP_S s, $CAP_RATIO × s4db)"
+  for TOOL in "${TOOLS[@]}"; do
+    for RUN in $(seq 1 "$RUNS"); do
+      one_run
+    done
+  done
+  log "RTT $RTT ms took $(($(date +%s) - start)) s"
+  if [[ -n "$REQLOG" ]]; then
+    kill "$PROXY_PID"
+    wait "$PROXY_PID" 2>/dev/null || true
+    forget "$PROXY_PID"
+  fi
+
+  META=$(
+    cat <<EOF
+{"rtt_ms": $RTT, "n": $N, "runs": $RUNS, "cap_floor_s": $CAP_S, "cap_ratio": $CAP_RATIO,
+ "repeat_under_s": $REPEAT_UNDER_S,
+ "big_mib": $BIG_MIB, "k": $K, "date": "$(date -u +%Y-%m-%dT%H:%M:%SZ)", "cores": $(nproc),
+ "kernel": "$(uname -r)", "versions": $VERSIONS,
+ "tools": ["s4db", "s3fs", "rclone"],
+ "tool_names": {"s4db": "s4db-mount", "s3fs": "s3fs", "rclone": "rclone"},
+ "title": "s4db-mount, s3fs and rclone mount on moto_server, +$RTT ms RTT",
+ "subtitle": "N=$N, $([[ $RUNS -gt 1 ]] && echo "median of $RUNS runs" || echo "one run"), seconds (lower is better) and the S3 requests sent. $(nproc) cores; s3fs $(s3fs --version 2>/dev/null | head -1 | grep -o 'V[0-9.]*'), rclone $(rclone version 2>/dev/null | head -1 | awk '{print $2}') with --vfs-cache-mode writes --vfs-write-back 0s.",
+ "footnote": "peer ÷ s4db: how many times longer the peer took (> 1: s4db is faster). † one run only: it took over $REPEAT_UNDER_S s (or hit the cap) the first time. > X s: stopped at the cap, max($CAP_S s, $CAP_RATIO × s4db's time). Write workloads end when the result is in S3; reads run on a fresh mount with empty caches.",
+ "workloads": {
+  "create": "create $N files of 256 B + publish",
+  "ls": "ls -l of $N files after a remount",
+  "cold": "cold read of $N files (cat)",
+  "warm": "warm read of $N files (cat)",
+  "mv": "rename $K cold files (mv) + publish",
+  "append": "append to $K cold files (>>) + publish",
+  "rm": "rm -r of $N files + publish",
+  "seq64": "64 cold reads of 64 KiB, one by one",
+  "par64": "64 cold reads of 64 KiB, 64 in parallel",
+  "fio_w": "fio sequential write, $BIG_MIB MiB (bs=1M) + publish",
+  "fio_r": "fio cold sequential read, $BIG_MIB MiB (bs=1M)"
+ }}
+EOF
+  )
+  echo
+  helper report --raw "$RAW" ${REQLOG:+--log "$REQLOG"} --meta "$META" --out "$OUT/peers-${RTT}ms"
+  echo
+done
