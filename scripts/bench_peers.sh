@@ -11,7 +11,7 @@
 #   --rtt-ms L   added round-trip time, comma-separated for several passes (default 20);
 #                0 = straight to moto, no proxy, so no request counts (s4db's own stats stay)
 #   --cap S      a peer's workload still running after max(S, 2 × s4db's time for it)
-#                seconds is stopped and shown as "> X s" (default 20)
+#                seconds is stopped and shown as "> X s" (default 15)
 #   --quick      smoke test: N=20, one run, 4 MiB fio file
 #
 # Output: per RTT, a markdown table on stdout and in target/bench/peers-<rtt>ms.md, all raw
@@ -47,7 +47,7 @@ ROOT=$(pwd)
 N=1000
 RUNS=3
 RTTS=20
-CAP_S=20
+CAP_S=15
 CAP_RATIO=2
 S4DB_CAP_S=300 # a hang guard, not a limit: s4db's times set the peers' caps
 QUICK=0
@@ -603,7 +603,7 @@ timed() { # timed WID COMMAND [SPEC...]: runs COMMAND in the mount (plus the pub
     if [[ $TOOL == rclone ]]; then
       helper wait-rclone "$RCLONE_LOG" "$RCLONE_MOUNTED_AT" --timeout 120 || true
     fi
-    sleep 1
+    sleep 0.5
   elif [[ $rc -ne 0 ]]; then
     status=fail
     log "$TOOL $wid failed (exit $rc): $(tail -3 "$WORK/err" | tr '\n' ' ')"
@@ -732,7 +732,7 @@ EOF
  "kernel": "$(uname -r)", "versions": $VERSIONS,
  "tools": ["s4db", "s3fs", "rclone"],
  "tool_names": {"s4db": "s4db-mount", "s3fs": "s3fs", "rclone": "rclone"},
- "title": "s4db-mount, s3fs and rclone mount on moto_server, +$RTT ms RTT",
+ "title": "s4db-mount, s3fs and rclone mount on moto_server, $([[ $RTT == 0 ]] && echo "no added latency (requests not counted)" || echo "+$RTT ms RTT")",
  "subtitle": "N=$N, $([[ $RUNS -gt 1 ]] && echo "median of $RUNS runs" || echo "one run"), seconds (lower is better) and the S3 requests sent. $(nproc) cores; s3fs $(s3fs --version 2>/dev/null | head -1 | grep -o 'V[0-9.]*'), rclone $(rclone version 2>/dev/null | head -1 | awk '{print $2}') with --vfs-cache-mode writes --vfs-write-back 0s.",
  "footnote": "peer ÷ s4db: how many times longer the peer took (> 1: s4db is faster). † one run only: it took over $REPEAT_UNDER_S s (or hit the cap) the first time. > X s: stopped at the cap, max($CAP_S s, $CAP_RATIO × s4db's time). Write workloads end when the result is in S3; reads run on a fresh mount with empty caches.",
  "workloads": {
