@@ -40,7 +40,7 @@ def ensure_matplotlib():
         return
     except ImportError:
         pass
-    if os.path.realpath(sys.executable) == os.path.realpath(VENV_PY):
+    if os.path.realpath(sys.prefix) == os.path.realpath(VENV):
         sys.exit(f"bench_chart.py: matplotlib is missing from {VENV}; delete it to rebuild")
     if not os.path.exists(VENV_PY):
         print(f"bench_chart.py: creating {VENV} (matplotlib)", file=sys.stderr)

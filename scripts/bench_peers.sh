@@ -30,8 +30,11 @@
 #   --refresh-interval never (no background index polls in the request counts).
 # - A workload that writes ends when its result is in S3: s4db after `echo >
 #   .s4db/upload` returns; s3fs after close (it uploads synchronously) and `sync`; rclone
-#   when its write-back queue is empty and the bucket listing shows the result. After each
-#   one, what it should have left in the bucket is checked (untimed); a miss is "fail".
+#   once its log shows every file it queued uploaded (renames and deletes it does within
+#   the system call). After each one, what it should have left in the bucket is checked
+#   (untimed); a miss is "fail".
+# - Renames and appends act on files never read in that mount ("cold"), so each run starts
+#   them from the same state.
 # - Reads run on a fresh mount with fresh cache directories, as on a new machine.
 # - Budget: s3fs needs minutes for what s4db does in seconds, so the peers are capped,
 #   at twice s4db's time for the same workload and at least --cap seconds (s4db runs
