@@ -15,15 +15,8 @@ N="${1:-1000}"
 RUNS="${2:-3}"
 K=$((N < 100 ? N : 100)) # files appended to and renamed
 
-PY="$ROOT/.venv-test/py10/bin/python"
-MOTO_SERVER="${S4DB_MOTO_SERVER:-$ROOT/.venv-test/py10/bin/moto_server}"
-[[ -x "$PY" && -x "$MOTO_SERVER" ]] || "$ROOT/scripts/test.sh" --setup-only
-if [[ -n "${S4DB_BENCH_BIN:-}" ]]; then
-  BIN="$S4DB_BENCH_BIN"
-else
-  cargo build --release --bins -q
-  BIN="$ROOT/target/release"
-fi
+source "$ROOT/scripts/lib.sh"
+bench_setup
 
 WORK=$(mktemp -d /tmp/s4db-bench-mount.XXXXXX)
 PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')

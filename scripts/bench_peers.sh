@@ -74,31 +74,14 @@ K=$((N < 100 ? N : 100)) # files renamed, and as many others appended to
 TOOLS=(s4db s3fs rclone)
 
 # ---- tools (the apt_install pattern of scripts/test.sh)
-SUDO=""
-if [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null; then SUDO="sudo"; fi
-APT_UPDATED=0
-apt_install() {
-  if [[ $APT_UPDATED -eq 0 ]]; then
-    $SUDO apt-get update -q
-    APT_UPDATED=1
-  fi
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@"
-}
+source "$ROOT/scripts/lib.sh"
 command -v fusermount3 >/dev/null || apt_install fuse3
 command -v s3fs >/dev/null || apt_install s3fs
 command -v rclone >/dev/null || apt_install rclone
 command -v fio >/dev/null || apt_install fio
 command -v bc >/dev/null || apt_install bc
 
-PY="$ROOT/.venv-test/py10/bin/python"
-MOTO_SERVER="${S4DB_MOTO_SERVER:-$ROOT/.venv-test/py10/bin/moto_server}"
-[[ -x "$PY" && -x "$MOTO_SERVER" ]] || "$ROOT/scripts/test.sh" --setup-only
-if [[ -n "${S4DB_BENCH_BIN:-}" ]]; then
-  BIN="$S4DB_BENCH_BIN"
-else
-  cargo build --release --bins -q
-  BIN="$ROOT/target/release"
-fi
+bench_setup
 OUT="$ROOT/target/bench"
 mkdir -p "$OUT"
 

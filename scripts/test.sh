@@ -21,16 +21,7 @@ if [[ "${1:-}" == "--setup-only" ]]; then
 fi
 
 # ---- system packages (apt-get update only when something must be installed)
-SUDO=""
-if [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null; then SUDO="sudo"; fi
-APT_UPDATED=0
-apt_install() {
-  if [[ $APT_UPDATED -eq 0 ]]; then
-    $SUDO apt-get update -q
-    APT_UPDATED=1
-  fi
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@"
-}
+source "$ROOT/scripts/lib.sh"
 
 command -v fusermount3 >/dev/null || apt_install fuse3
 # script(1) gives the progress-bar test a terminal.
