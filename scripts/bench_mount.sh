@@ -19,27 +19,10 @@ source "$ROOT/scripts/lib.sh"
 bench_setup
 
 WORK=$(mktemp -d /tmp/s4db-bench-mount.XXXXXX)
-PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"$MOTO_SERVER" -H 127.0.0.1 -p "$PORT" >"$WORK/moto.log" 2>&1 &
-MOTO_PID=$!
-cleanup() {
-  fusermount3 -uz "$WORK/mnt" 2>/dev/null || true
-  kill "$MOTO_PID" 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_REGION=us-east-1
-export AWS_CONFIG_FILE=/nonexistent AWS_SHARED_CREDENTIALS_FILE=/nonexistent
-unset AWS_CA_BUNDLE AWS_PROFILE
-ENDPOINT="http://127.0.0.1:$PORT"
-for _ in $(seq 50); do
-  "$PY" -c "import urllib.request; urllib.request.urlopen('$ENDPOINT')" 2>/dev/null && break
-  sleep 0.2
-done
-"$PY" -c "import boto3; boto3.client('s3', endpoint_url='$ENDPOINT').create_bucket(Bucket='bench')"
-
 MNT="$WORK/mnt"
+trap bench_cleanup EXIT
+start_moto "$WORK/moto.log"
+
 mkdir -p "$MNT"
 mount_db() { # mount_db PREFIX LOCAL_DIR
   "$BIN/s4db-mount" --endpoint-url "$ENDPOINT" --force-path-style --upload-delay never \

@@ -26,3 +26,31 @@ bench_setup() {
     BIN="$ROOT/target/release"
   fi
 }
+
+# bench_cleanup: the mount benchmarks' exit trap: unmounts $MNT, stops the
+# moto_server start_moto started, removes $WORK.
+bench_cleanup() {
+  fusermount3 -uz "$MNT" 2>/dev/null || true
+  [[ -z "${MOTO_PID:-}" ]] || kill "$MOTO_PID" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+
+# start_moto LOG: a moto_server on a free loopback port (after bench_setup),
+# its output in LOG; sets MOTO_PID (bench_cleanup stops it) and
+# ENDPOINT, exports what every S3 client here needs (dummy credentials, no
+# profile, config or CA bundle) and creates the bucket "bench".
+start_moto() {
+  local port
+  port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  "$MOTO_SERVER" -H 127.0.0.1 -p "$port" >"$1" 2>&1 &
+  MOTO_PID=$!
+  export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_REGION=us-east-1
+  export AWS_CONFIG_FILE=/nonexistent AWS_SHARED_CREDENTIALS_FILE=/nonexistent
+  unset AWS_CA_BUNDLE AWS_PROFILE
+  ENDPOINT="http://127.0.0.1:$port"
+  for _ in $(seq 50); do
+    "$PY" -c "import urllib.request; urllib.request.urlopen('$ENDPOINT')" 2>/dev/null && break
+    sleep 0.2
+  done
+  "$PY" -c "import boto3; boto3.client('s3', endpoint_url='$ENDPOINT').create_bucket(Bucket='bench')"
+}

@@ -347,6 +347,7 @@ fn init_logging(args: &MountArgs, log_file: Option<&Path>) -> Result<(), String>
 
 /// Everything from arguments to exit: mount, serve, upload at unmount.
 pub fn main() -> ExitCode {
+    let started = std::time::Instant::now();
     let mut args = MountArgs::parse();
     if let Err(e) = args.apply_fstab_options() {
         eprintln!("s4db-mount: error: {e}");
@@ -386,7 +387,7 @@ pub fn main() -> ExitCode {
         tracing::error!("{info}");
         default_hook(info);
     }));
-    match serve(&args, &target, &local_dir, &mut readiness) {
+    match serve(&args, &target, &local_dir, &mut readiness, started) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // In the foreground the log is stderr, where `failed` prints it.
@@ -465,6 +466,7 @@ fn serve(
     target: &DbTarget,
     local_dir: &Path,
     readiness: &mut Readiness,
+    started: std::time::Instant,
 ) -> Result<(), String> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(std::thread::available_parallelism().map_or(4, |n| n.get().max(4)))
@@ -489,6 +491,16 @@ fn serve(
     let unmounter = session.unmount_callable();
     rt.spawn(unmount_on_signal(unmounter, args.mountpoint.clone()));
     readiness.ready();
+    // scripts/bench_scale.sh parses this line.
+    let fetched = fs.db().index_fetched_at().duration_since(started);
+    let ready = started.elapsed();
+    tracing::info!(
+        "ready {:.3} s after start: index GET returned at {:.3} s, {} keys loaded {:.3} s after it",
+        ready.as_secs_f64(),
+        fetched.as_secs_f64(),
+        fs.db().len(),
+        ready.saturating_sub(fetched).as_secs_f64()
+    );
     if !args.foreground {
         detach_stdio();
     }

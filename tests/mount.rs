@@ -1879,3 +1879,44 @@ fn the_mount_benchmark_script_runs() {
         "{stdout}"
     );
 }
+
+/// `scripts/bench_scale.sh` keeps working: a tiny N on this build's binaries,
+/// its JSON checked for shape and sanity, not for speed.
+#[test]
+fn the_scale_benchmark_script_runs() {
+    require_fuse();
+    let bin_dir = daemon_bin().parent().expect("bin dir").to_path_buf();
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = Command::new(common::repo_root().join("scripts/bench_scale.sh"))
+        .args(["--keys", "2000", "--out"])
+        .arg(out_dir.path())
+        .env("S4DB_BENCH_BIN", bin_dir)
+        .output()
+        .expect("run scripts/bench_scale.sh");
+    assert!(
+        out.status.success(),
+        "bench_scale.sh failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json = std::fs::read(out_dir.path().join("scale.json")).expect("scale.json");
+    let r: Json = serde_json::from_slice(&json).expect("scale.json is JSON");
+    assert_eq!(r["keys"], 2000);
+    assert_eq!(r["ls_mount"]["entries"], 200, "{r}");
+    assert_eq!(r["ls_mount"]["next_3_s3_requests"], 0, "{r}");
+    let secs = |v: &Json| v.as_f64().filter(|s| *s >= 0.0);
+    for v in [
+        &r["mount"]["command_s"],
+        &r["mount"]["ready_after_index_get_s"],
+        &r["ls_mount"]["first_s"],
+        &r["ls_disk"]["median_s"],
+    ] {
+        assert!(secs(v).is_some(), "{v} in {r}");
+    }
+    for phase in ["ready", "hints_loaded", "after_ls"] {
+        let m = &r["memory"][phase];
+        let (rss, hwm) = (m["rss_mb"].as_f64().unwrap(), m["hwm_mb"].as_f64().unwrap());
+        assert!(rss > 0.0 && hwm >= rss, "{phase}: {m}");
+    }
+    assert!(out_dir.path().join("scale.md").exists());
+}

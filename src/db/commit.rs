@@ -203,7 +203,7 @@ impl S4db {
         let key = self.object_key(INDEX_NAME);
         match super::get_index(self.inner.store.as_ref(), &key).await? {
             None => Ok((Index::default(), None)),
-            Some((index, etag)) => Ok((index?, Some(etag))),
+            Some(f) => Ok((f.index?, Some(f.etag))),
         }
     }
 }

@@ -25,6 +25,7 @@ use state::{ActiveFile, OwnFile, State};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 pub use commit::UploadReport;
 pub use hints::FileHints;
@@ -134,6 +135,8 @@ struct Inner {
     state: Mutex<State>,
     /// Serializes upload, download, compact, rebuild and gc.
     maintenance: tokio::sync::Mutex<()>,
+    /// When `open`'s GET of the index returned (the mount logs its start-up timings).
+    index_fetched_at: Instant,
 }
 
 /// Decodes the entry bytes found at `loc` (CRC first), checking that they are
@@ -158,14 +161,26 @@ pub(crate) fn decode_live(key: &str, loc: Location, bytes: &[u8]) -> Result<Valu
     }
 }
 
-/// GETs the index object: `None` when there is none (an empty database),
-/// else its decoding (which may have failed) and its ETag.
-async fn get_index(
-    store: &dyn ObjectStore,
-    key: &str,
-) -> Result<Option<(Result<Index, FormatError>, String)>> {
+/// An index object as GET returned it.
+struct FetchedIndex {
+    /// Its decoding, which may have failed.
+    index: Result<Index, FormatError>,
+    etag: String,
+    /// When the GET's body had arrived (before decoding), for start-up timings.
+    at: Instant,
+}
+
+/// GETs the index object: `None` when there is none (an empty database).
+async fn get_index(store: &dyn ObjectStore, key: &str) -> Result<Option<FetchedIndex>> {
     match store.get(key).await {
-        Ok(got) => Ok(Some((Index::decode(key, &got.data), got.etag))),
+        Ok(got) => {
+            let at = Instant::now();
+            Ok(Some(FetchedIndex {
+                index: Index::decode(key, &got.data),
+                etag: got.etag,
+                at,
+            }))
+        }
         Err(StoreError::NotFound { .. }) => Ok(None),
         Err(e) => Err(e.into()),
     }
@@ -211,14 +226,24 @@ impl S4db {
     ) -> Result<S4db> {
         let prefix = normalize_prefix(prefix);
         let index_key = format!("{prefix}{INDEX_NAME}");
-        let (index, etag) = match get_index(store.as_ref(), &index_key).await? {
+        let fetched = get_index(store.as_ref(), &index_key).await?;
+        let index_fetched_at = fetched.as_ref().map_or_else(Instant::now, |f| f.at);
+        let (index, etag) = match fetched {
             None => (Index::default(), None),
-            Some((Ok(index), etag)) => (index, Some(etag)),
-            Some((Err(e), etag)) if opts.ignore_corrupt_index => {
+            Some(FetchedIndex {
+                index: Ok(index),
+                etag,
+                ..
+            }) => (index, Some(etag)),
+            Some(FetchedIndex {
+                index: Err(e),
+                etag,
+                ..
+            }) if opts.ignore_corrupt_index => {
                 tracing::warn!("{e}; starting from an empty index to rebuild");
                 (Index::default(), Some(etag))
             }
-            Some((Err(e), _)) => return Err(e.into()),
+            Some(FetchedIndex { index: Err(e), .. }) => return Err(e.into()),
         };
         let writer_id = loop {
             let id: u32 = rand::random();
@@ -234,6 +259,7 @@ impl S4db {
                 state: Mutex::new(State::new(index, etag)),
                 maintenance: tokio::sync::Mutex::new(()),
                 opts,
+                index_fetched_at,
             }),
         };
         if let Some(dir) = &db.inner.opts.local_dir {
@@ -261,6 +287,11 @@ impl S4db {
 
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
         &self.inner.store
+    }
+
+    /// When `open`'s GET of the index returned (before it was decoded).
+    pub fn index_fetched_at(&self) -> Instant {
+        self.inner.index_fetched_at
     }
 
     /// This instance's writer id (the namespace of the data files it writes).
