@@ -13,7 +13,6 @@ use super::S4db;
 use crate::error::Result;
 use crate::format::{data_file_name, entry_value_len, scan_entries};
 use crate::remote::{PutCondition, StoreError};
-use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const MAGIC: &[u8; 8] = b"S4HINT1\n";
@@ -21,10 +20,62 @@ const MAGIC: &[u8; 8] = b"S4HINT1\n";
 pub const HINTS_DIR: &str = "hints/";
 
 /// Value lengths of one data file, by entry offset, and when it was published.
+/// A mount keeps these for every data file, so they are packed: sorted pairs
+/// found by binary search, 8 bytes an entry when they fit in 32 bits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileHints {
     pub published: SystemTime,
-    pub lengths: HashMap<u64, u64>,
+    lengths: Lengths,
+}
+
+/// (offset, value length) pairs sorted by offset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Lengths {
+    /// Files under 4 GiB with values under 4 GiB: all of them in practice.
+    Narrow(Box<[(u32, u32)]>),
+    Wide(Box<[(u64, u64)]>),
+}
+
+impl FileHints {
+    fn new(published: SystemTime, mut pairs: Vec<(u64, u64)>) -> FileHints {
+        if !pairs.is_sorted_by_key(|p| p.0) {
+            pairs.sort_unstable_by_key(|p| p.0);
+        }
+        let narrow = |(o, l): &(u64, u64)| Some((u32::try_from(*o).ok()?, u32::try_from(*l).ok()?));
+        let lengths = match pairs.iter().map(narrow).collect::<Option<Box<[_]>>>() {
+            Some(n) => Lengths::Narrow(n),
+            None => Lengths::Wide(pairs.into_boxed_slice()),
+        };
+        FileHints { published, lengths }
+    }
+
+    /// The length of the value whose entry starts at `offset`.
+    pub fn len_at(&self, offset: u64) -> Option<u64> {
+        fn find<T: Copy + Ord + TryFrom<u64> + Into<u64>>(
+            v: &[(T, T)],
+            offset: u64,
+        ) -> Option<u64> {
+            let offset = T::try_from(offset).ok()?;
+            let i = v.binary_search_by_key(&offset, |p| p.0).ok()?;
+            Some(v[i].1.into())
+        }
+        match &self.lengths {
+            Lengths::Narrow(v) => find(v, offset),
+            Lengths::Wide(v) => find(v, offset),
+        }
+    }
+
+    /// How many values it gives the length of.
+    pub fn len(&self) -> usize {
+        match &self.lengths {
+            Lengths::Narrow(v) => v.len(),
+            Lengths::Wide(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 pub fn hint_name(file_id: u64) -> String {
@@ -60,11 +111,11 @@ fn decode(data: &[u8]) -> Option<FileHints> {
     }
     let n = |i: usize| u64::from_be_bytes(body[i..i + 8].try_into().unwrap());
     let published = UNIX_EPOCH + Duration::from_nanos(n(8));
-    let lengths = (16..body.len())
+    let pairs = (16..body.len())
         .step_by(16)
         .map(|i| (n(i), n(i + 8)))
         .collect();
-    Some(FileHints { published, lengths })
+    Some(FileHints::new(published, pairs))
 }
 
 impl S4db {
@@ -152,7 +203,11 @@ mod tests {
         let bytes = encode(t, &[(9, 5), (40, 1 << 33)]);
         let h = decode(&bytes).unwrap();
         assert_eq!(h.published, t);
-        assert_eq!(h.lengths[&40], 1 << 33);
+        assert_eq!(h.len_at(40), Some(1 << 33));
+        assert_eq!((h.len_at(9), h.len_at(10), h.len()), (Some(5), None, 2));
+        let narrow = decode(&encode(t, &[(40, 6), (9, 5)])).unwrap();
+        assert!(matches!(narrow.lengths, Lengths::Narrow(_)));
+        assert_eq!((narrow.len_at(9), narrow.len_at(40)), (Some(5), Some(6)));
         for i in 0..bytes.len() {
             let mut bad = bytes.clone();
             bad[i] ^= 1;

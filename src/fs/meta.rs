@@ -5,14 +5,18 @@
 //! Entries written through this mount are recorded as they are written.
 //! Others' entries are resolved once (the entry's first bytes: a `pread` or a
 //! small range GET) and remembered in `<local-dir>/s4db-mount.meta`, so a later
-//! mount does not ask again.
+//! mount does not ask again. Lengths from hint objects are kept apart, per
+//! data file in their packed form (8 bytes a value rather than a hash-map
+//! entry of 40), and not written to the file: the next mount GETs them again,
+//! one request per data file.
 
+use crate::db::FileHints;
 use crate::format::Location;
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Length and put time of one value.
@@ -29,7 +33,10 @@ const PRUNE_SLACK: usize = 4096;
 
 #[derive(Debug)]
 pub struct MetaCache {
+    /// Values written or resolved here (with their put time), as in the file.
     map: Mutex<HashMap<(u64, u64), ValueMeta>>,
+    /// Hint objects by data file id; their values' mtime is the upload time.
+    hinted: RwLock<HashMap<u64, FileHints>>,
     /// Records learned since the last save, appended to the file in batches.
     log: Mutex<Option<BufWriter<File>>>,
     path: Option<PathBuf>,
@@ -74,6 +81,7 @@ impl MetaCache {
         drop(buf);
         let cache = MetaCache {
             map: Mutex::new(map),
+            hinted: RwLock::new(HashMap::new()),
             log: Mutex::new(None),
             path: path.map(Path::to_path_buf),
         };
@@ -107,16 +115,23 @@ impl MetaCache {
         Ok(())
     }
 
+    /// What is known of the value at `loc`: a put time recorded here wins
+    /// over a hint object's upload time.
     pub fn get(&self, loc: Location) -> Option<ValueMeta> {
-        self.map.lock().unwrap().get(&key(loc)).copied()
+        if let Some(m) = self.map.lock().unwrap().get(&key(loc)) {
+            return Some(*m);
+        }
+        let hinted = self.hinted.read().unwrap();
+        let hints = hinted.get(&loc.file_id)?;
+        hints.len_at(loc.offset).map(|len| ValueMeta {
+            len,
+            mtime: hints.published,
+        })
     }
 
-    /// Records `meta` unless something is known already (hints carry only
-    /// the upload time, which must not replace a put time known here).
-    pub fn learn(&self, loc: Location, meta: ValueMeta) {
-        if self.get(loc).is_none() {
-            self.insert(loc, meta);
-        }
+    /// Takes the hint object of data file `file_id`.
+    pub fn add_hints(&self, file_id: u64, hints: FileHints) {
+        self.hinted.write().unwrap().insert(file_id, hints);
     }
 
     pub fn insert(&self, loc: Location, meta: ValueMeta) {

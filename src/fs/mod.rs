@@ -298,15 +298,7 @@ impl S4Fs {
             .get_or_init(|| async {
                 match self.db.file_hints(file_id).await {
                     Ok(Some(h)) => {
-                        for (offset, len) in h.lengths {
-                            let loc = Location {
-                                file_id,
-                                offset,
-                                length: 0,
-                            };
-                            let mtime = h.published;
-                            self.meta.learn(loc, ValueMeta { len, mtime });
-                        }
+                        self.meta.add_hints(file_id, h);
                         true
                     }
                     Ok(None) => false,
