@@ -14,6 +14,7 @@ use fuser::{
 use std::ffi::{OsStr, OsString};
 use std::future::Future;
 use std::sync::Arc;
+use std::task::{Context, Waker};
 use std::time::{Duration, SystemTime};
 
 /// How long the kernel may trust names and attributes before asking again
@@ -34,13 +35,24 @@ impl FuseAdapter {
         FuseAdapter { fs, rt }
     }
 
-    /// Runs `f` on the runtime; it replies when done.
+    /// Runs `f`, which replies when done: first right here on the session
+    /// thread, and only if it has to wait (S3, a lock, an upload) as a task on
+    /// the runtime. Most calls (a create, a write into a buffer, a lookup of a
+    /// known key) finish at once, and handing them to another thread would
+    /// cost more than the call itself: two thread wake-ups per request.
     fn spawn<F, Fut>(&self, f: F)
     where
         F: FnOnce(Arc<S4Fs>) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        self.rt.spawn(f(self.fs.clone()));
+        let _runtime = self.rt.enter(); // tokio's timers and I/O need its context
+        let mut task = Box::pin(f(self.fs.clone()));
+        let mut cx = Context::from_waker(Waker::noop());
+        if task.as_mut().poll(&mut cx).is_pending() {
+            // The runtime polls it again at once with a real waker, which
+            // replaces the no-op one wherever the first poll registered it.
+            self.rt.spawn(task);
+        }
     }
 }
 

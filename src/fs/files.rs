@@ -152,6 +152,7 @@ impl S4Fs {
                     .is_some_and(|m| m.len > content::SPILL_BYTES) =>
                 {
                     // Straight into a temporary file: a large value is not held in memory.
+                    off_session_thread().await;
                     let file = Content::spill_file(spill)?;
                     let (len, _) = self.db.get_into_file(path, loc, &file).await?;
                     Content::from_spill_file(file, len, spill)
@@ -246,6 +247,7 @@ impl S4Fs {
         check_entry_size(&path, len)?;
         let loc = if content.is_spilled() {
             // Too large to hold: streamed from the spill file as a raw entry.
+            off_session_thread().await;
             let binary = !content.is_utf8()?;
             self.db
                 .put_from_reader(&path, &mut content.reader(), len, binary)?
@@ -280,6 +282,7 @@ impl S4Fs {
     /// A put, then the data file and pending list made durable on disk.
     pub async fn fsync(&self, fh: u64) -> FsResult<()> {
         self.flush(fh).await?;
+        off_session_thread().await;
         self.db.flush()?;
         Ok(())
     }
@@ -547,4 +550,12 @@ impl S4Fs {
         self.wrote();
         Ok(())
     }
+}
+
+/// Called before long synchronous work (copying a large value, fsync): the
+/// FUSE adapter runs each call on its session thread until it first waits, so
+/// this wait moves the rest to a runtime worker and the session thread goes
+/// back to serving other requests.
+async fn off_session_thread() {
+    tokio::task::yield_now().await;
 }
