@@ -178,7 +178,7 @@ async fn unsynced_writes_survive_the_process_and_publish_on_next_upload() {
             db.flush().unwrap();
             let snapshot = std::fs::read(dir.path().join("index.idx")).unwrap();
             let snapshot = s4db::format::Index::decode("index.idx", &snapshot).unwrap();
-            let keys: Vec<&String> = snapshot.entries.keys().collect();
+            let keys: Vec<&str> = snapshot.entries.keys().map(|k| k.as_str()).collect();
             assert_eq!(keys, ["later", "unsynced"]);
             // dropped without upload: like a process that died
         }
@@ -1264,5 +1264,112 @@ async fn a_batch_of_interleaved_puts_and_deletes_lands_whole_and_in_place() {
         let reader = backend.open("batch", OpenOptions::default()).await;
         assert_eq!(reader.keys(), vec!["new/a", "new/b", "new/c"]);
         assert_eq!(get(&reader, "new/c").await, Some(text(&"x".repeat(7))));
+    }
+}
+
+/// The dev build of the `workloads` bench target that `cargo test --all-targets` made
+/// next to this test binary (target/<profile>/deps/workloads-<hash>), the newest one.
+fn workloads_bench_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("S4DB_BENCH_WORKLOADS_BIN").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let exe = std::env::current_exe().unwrap();
+    let deps = exe.parent().unwrap();
+    std::fs::read_dir(deps)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_prefix("workloads-")
+                .is_some_and(|hash| hash.chars().all(|c| c.is_ascii_hexdigit()))
+        })
+        .filter_map(|e| {
+            let meta = e.metadata().ok()?;
+            let runnable = meta.is_file() && meta.permissions().mode() & 0o111 != 0;
+            runnable.then_some((meta.modified().ok()?, e.path()))
+        })
+        .max()
+        .map(|(_, path)| path)
+        .unwrap_or_else(|| {
+            panic!(
+                "no workloads bench binary in {}: run `cargo test --all-targets` (which builds \
+                 benches/workloads.rs), or set S4DB_BENCH_WORKLOADS_BIN",
+                deps.display()
+            )
+        })
+}
+
+/// scripts/bench_engine.sh --quick runs every workload on both sides, Rust and the
+/// Python s4db 0.10.0, with and without the latency proxy, and writes both sides'
+/// results as JSON and as one markdown table per RTT. No timing is checked.
+#[test]
+fn the_engine_benchmark_script_runs_both_sides() {
+    let out = tempfile::tempdir().unwrap();
+    let run = std::process::Command::new(common::repo_root().join("scripts/bench_engine.sh"))
+        .args(["--quick", "--rtt-ms", "0,5"])
+        .env("S4DB_BENCH_WORKLOADS_BIN", workloads_bench_binary())
+        .env("S4DB_BENCH_OUT", out.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "bench_engine.sh failed:\n{stderr}");
+    let all = [
+        "put_one_by_one",
+        "put_batch",
+        "bulk_load",
+        "local_get",
+        "remote_get",
+        "one_object_per_key",
+    ];
+    for (rtt, workloads) in [(0, &all[..]), (5, &all[4..])] {
+        let path = out.path().join(format!("engine-{rtt}ms.json"));
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(json["rtt_ms"], rtt);
+        for side in ["rust", "python"] {
+            let got = &json[side]["workloads"];
+            let ids: Vec<&String> = got.as_object().unwrap().keys().collect();
+            assert_eq!(ids.len(), workloads.len(), "{side} at {rtt} ms: {ids:?}");
+            for id in workloads {
+                let metrics = got[id]["metrics"].as_object().unwrap();
+                assert!(!metrics.is_empty(), "{side} {id}");
+                for (name, m) in metrics {
+                    let v = m["median"].as_f64().unwrap();
+                    assert!(v.is_finite() && v >= 0.0, "{side} {id} {name}: {m}");
+                }
+            }
+        }
+        // Same metrics on both sides: the table can pair every row.
+        for id in workloads {
+            let names = |side: &str| -> Vec<String> {
+                json[side]["workloads"][id]["metrics"]
+                    .as_object()
+                    .unwrap()
+                    .keys()
+                    .cloned()
+                    .collect()
+            };
+            assert_eq!(names("rust"), names("python"), "{id} at {rtt} ms");
+        }
+        let md = std::fs::read_to_string(out.path().join(format!("engine-{rtt}ms.md"))).unwrap();
+        assert!(
+            md.contains("s4db (Rust)") && md.contains("s4db (Python) 0.10.0"),
+            "{md}"
+        );
+        let rows: Vec<&str> = md.lines().filter(|l| l.starts_with("| ")).collect();
+        let label = if rtt == 0 {
+            "local get, p99"
+        } else {
+            "remote get, p99"
+        };
+        let row = rows
+            .iter()
+            .find(|l| l.contains(label))
+            .unwrap_or_else(|| panic!("{md}"));
+        // Label, Rust, Python, ratio: all filled in.
+        let cells: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
+        assert_eq!(cells.len(), 4, "{row}");
+        assert!(cells.iter().all(|c| !c.is_empty() && *c != "-"), "{row}");
     }
 }
