@@ -436,11 +436,45 @@ pub struct Location {
     pub length: u32,
 }
 
+/// A key in the in-memory index: up to 24 bytes inline, no allocation of
+/// its own (a `String` is 24 bytes plus ~32 on the heap for a 20-byte key);
+/// `Borrow<str>`, so the map is looked up and range-scanned by `&str`.
+pub type Key = compact_str::CompactString;
+
+/// The entries of `map` from key `start` on, in key order (`range` by `&str`).
+pub fn range_from<'a, V>(
+    map: &'a BTreeMap<Key, V>,
+    start: &str,
+) -> std::collections::btree_map::Range<'a, Key, V> {
+    use std::ops::Bound;
+    map.range::<str, _>((Bound::Included(start), Bound::Unbounded))
+}
+
 /// The decoded `index.idx`: every live key's location plus the legacy counter.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Index {
     pub next_file_num: u32,
-    pub entries: BTreeMap<String, Location>,
+    pub entries: BTreeMap<Key, Location>,
+}
+
+/// A parsed index before its map is built, so that a caller can free the
+/// object's bytes first (tens of MB at a million keys).
+#[derive(Debug)]
+pub struct IndexEntries {
+    next_file_num: u32,
+    entries: Vec<(Key, Location)>,
+}
+
+impl From<IndexEntries> for Index {
+    /// Built from the whole vector at once: `BTreeMap`'s bulk build fills
+    /// its nodes, where inserting keys in order leaves them half empty. A
+    /// key listed twice keeps its last location, as inserting would.
+    fn from(parsed: IndexEntries) -> Index {
+        Index {
+            next_file_num: parsed.next_file_num,
+            entries: parsed.entries.into_iter().collect(),
+        }
+    }
 }
 
 impl Default for Index {
@@ -490,6 +524,13 @@ impl Index {
 
     /// Parses format 2 (CRC-checked) or format 1 (legacy, no CRC). `file` labels errors.
     pub fn decode(file: &str, data: &[u8]) -> Result<Index, FormatError> {
+        IndexEntries::decode(file, data).map(Index::from)
+    }
+}
+
+impl IndexEntries {
+    /// The first half of [`Index::decode`]: the entries in the object's order.
+    pub fn decode(file: &str, data: &[u8]) -> Result<IndexEntries, FormatError> {
         let err = |offset: usize, kind| FormatError::new(file, offset as u64, kind);
         if data.len() < 9 {
             return Err(err(
@@ -528,7 +569,8 @@ impl Index {
         };
         let next_file_num = be_u32(&data[1..5]);
         let count = be_u32(&data[5..9]);
-        let mut entries = BTreeMap::new();
+        // Each entry takes at least `2 + fixed` bytes: a bound on a hostile count.
+        let mut entries = Vec::with_capacity((count as usize).min(end / (2 + fixed)));
         let mut pos = 9usize;
         for _ in 0..count {
             if pos + 2 > end {
@@ -553,7 +595,7 @@ impl Index {
             }
             let key = std::str::from_utf8(&data[pos + 2..pos + 2 + key_len])
                 .map_err(|_| err(pos, Corruption::KeyNotUtf8))?
-                .to_string();
+                .into();
             let f = pos + 2 + key_len;
             let loc = if version == 2 {
                 Location {
@@ -568,13 +610,13 @@ impl Index {
                     length: be_u32(&data[f + 12..f + 16]),
                 }
             };
-            entries.insert(key, loc);
+            entries.push((key, loc));
             pos += need;
         }
         if pos != end {
             return Err(err(pos, Corruption::TrailingBytes((end - pos) as u64)));
         }
-        Ok(Index {
+        Ok(IndexEntries {
             next_file_num,
             entries,
         })
@@ -700,7 +742,7 @@ mod tests {
                 next_file_num: next,
                 entries: entries
                     .into_iter()
-                    .map(|(k, (file_id, offset, length))| (k, Location { file_id, offset, length }))
+                    .map(|(k, (file_id, offset, length))| (k.into(), Location { file_id, offset, length }))
                     .collect(),
             };
             let bytes = index.encode();
@@ -715,7 +757,7 @@ mod tests {
         ) {
             let index = Index {
                 next_file_num: 3,
-                entries: entries.into_iter().map(|(k, n)| (k, Location { file_id: n, offset: n, length: 1 })).collect(),
+                entries: entries.into_iter().map(|(k, n)| (k.into(), Location { file_id: n, offset: n, length: 1 })).collect(),
             };
             let mut bytes = index.encode();
             let pos = pos_seed % bytes.len();

@@ -238,7 +238,7 @@ impl S4db {
                 file.write_all(&bytes)
                     .map_err(|e| Error::io("write", local.file_path(*id), e))?;
                 new_index.entries.insert(
-                    key.to_string(),
+                    (*key).into(),
                     Location {
                         file_id: *id,
                         offset: *len,

@@ -15,8 +15,8 @@ mod state;
 
 use crate::error::{Error, Result};
 use crate::format::{
-    data_file_name, decode_entry, encode_entry, encode_file_header, Corruption, FormatError, Index,
-    Location, Value, HEADER_SIZE, INDEX_NAME, MAX_KEY_BYTES,
+    data_file_name, decode_entry, encode_entry, encode_file_header, range_from, Corruption,
+    FormatError, Index, IndexEntries, Key, Location, Value, HEADER_SIZE, INDEX_NAME, MAX_KEY_BYTES,
 };
 use crate::remote::{ObjectStore, StoreError};
 use futures::StreamExt;
@@ -175,8 +175,11 @@ async fn get_index(store: &dyn ObjectStore, key: &str) -> Result<Option<FetchedI
     match store.get(key).await {
         Ok(got) => {
             let at = Instant::now();
+            let parsed = IndexEntries::decode(key, &got.data);
+            // Free the object's bytes before the map is built: a lower peak.
+            drop(got.data);
             Ok(Some(FetchedIndex {
-                index: Index::decode(key, &got.data),
+                index: parsed.map(Index::from),
                 etag: got.etag,
                 at,
             }))
@@ -389,7 +392,7 @@ impl S4db {
         for ((key, _), entry) in items.into_iter().zip(encoded) {
             let present = *exists
                 .entry(key.clone())
-                .or_insert_with(|| state.index.entries.contains_key(&key));
+                .or_insert_with(|| state.index.entries.contains_key(key.as_str()));
             let start = buf.len();
             let tombstone = match entry {
                 Some(e) => {
@@ -713,17 +716,19 @@ impl S4db {
 
     /// All live keys, sorted.
     pub fn keys(&self) -> Vec<String> {
-        self.state().index.entries.keys().cloned().collect()
+        self.state()
+            .index
+            .entries
+            .keys()
+            .map(Key::to_string)
+            .collect()
     }
 
     /// Live keys starting with `prefix`, sorted (a range scan of the index).
     pub fn keys_with_prefix(&self, prefix: &str) -> Vec<String> {
-        self.state()
-            .index
-            .entries
-            .range(prefix.to_string()..)
+        range_from(&self.state().index.entries, prefix)
             .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(k, _)| k.clone())
+            .map(|(k, _)| k.to_string())
             .collect()
     }
 
@@ -749,7 +754,7 @@ impl S4db {
     /// short; writers wait for it.
     pub fn read_index<R>(
         &self,
-        f: impl FnOnce(&std::collections::BTreeMap<String, Location>) -> R,
+        f: impl FnOnce(&std::collections::BTreeMap<Key, Location>) -> R,
     ) -> R {
         f(&self.state().index.entries)
     }
@@ -776,7 +781,7 @@ impl S4db {
         mode: ScanMode,
         mut f: impl FnMut(String, Value) -> Result<()>,
     ) -> Result<()> {
-        let snapshot: Vec<(String, Location)> = {
+        let snapshot: Vec<(Key, Location)> = {
             let state = self.state();
             state
                 .index
@@ -807,7 +812,7 @@ impl S4db {
         let mut keys = snapshot.iter();
         while let Some(value) = reads.next().await {
             let (key, _) = keys.next().expect("one key per read");
-            f(key.clone(), value?)?;
+            f(key.to_string(), value?)?;
         }
         Ok(())
     }

@@ -8,7 +8,7 @@
 //! overwrote, so the upload can serialize exactly what it published.
 
 use super::local_dir::LocalDir;
-use crate::format::{Index, Location};
+use crate::format::{Index, Key, Location};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::sync::Arc;
@@ -112,7 +112,7 @@ impl State {
         let entries = &self.index.entries;
         let mut count = entries.len() as i64;
         for (key, was) in overrides {
-            match (was, entries.contains_key(key)) {
+            match (was, entries.contains_key(key.as_str())) {
                 (Some(_), false) => count += 1,
                 (None, true) => count -= 1,
                 _ => {}
@@ -120,12 +120,12 @@ impl State {
         }
         let visible = entries
             .iter()
-            .filter_map(|(k, loc)| match overrides.get(k) {
+            .filter_map(|(k, loc)| match overrides.get(k.as_str()) {
                 Some(was) => was.map(|l| (k.as_str(), l)),
                 None => Some((k.as_str(), *loc)),
             });
         let restored = overrides.iter().filter_map(|(k, was)| match was {
-            Some(l) if !entries.contains_key(k) => Some((k.as_str(), *l)),
+            Some(l) if !entries.contains_key(k.as_str()) => Some((k.as_str(), *l)),
             _ => None,
         });
         crate::format::encode_index(
@@ -146,7 +146,7 @@ impl State {
             self.before_upload = Some(
                 self.journal
                     .keys()
-                    .map(|k| (k.clone(), committed.entries.get(k).copied()))
+                    .map(|k| (k.clone(), committed.entries.get(k.as_str()).copied()))
                     .collect(),
             );
         }
@@ -158,10 +158,10 @@ impl State {
     }
 }
 
-pub(crate) fn apply(entries: &mut BTreeMap<String, Location>, key: &str, change: Change) {
+pub(crate) fn apply(entries: &mut BTreeMap<Key, Location>, key: &str, change: Change) {
     match change {
         Some(loc) => {
-            entries.insert(key.to_string(), loc);
+            entries.insert(key.into(), loc);
         }
         None => {
             entries.remove(key);

@@ -16,7 +16,7 @@ impl S4Fs {
         let mut out = BTreeMap::new();
         self.db.read_index(|idx| {
             let mut start = prefix.clone();
-            while let Some((k, _)) = idx.range(start.clone()..).next() {
+            while let Some((k, _)) = range_from(idx, &start).next() {
                 let Some(rest) = k.strip_prefix(&prefix) else {
                     break;
                 };

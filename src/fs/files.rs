@@ -494,10 +494,10 @@ impl S4Fs {
             NodeKind::Dir => {
                 let under = format!("{from}/");
                 self.db.read_index(|idx| {
-                    idx.range(under.clone()..)
+                    range_from(idx, &under)
                         .take_while(|(k, _)| k.starts_with(&under))
                         .filter(|(k, _)| key_is_path(k) && !is_shadowed(idx, k))
-                        .map(|(k, _)| (k.clone(), format!("{to}{}", &k[from.len()..])))
+                        .map(|(k, _)| (k.to_string(), format!("{to}{}", &k[from.len()..])))
                         .collect()
                 })
             }

@@ -18,7 +18,7 @@ mod sync;
 pub mod value_cache;
 
 use crate::db::S4db;
-use crate::format::{Location, Value};
+use crate::format::{range_from, Location, Value};
 use crate::remote::MeteredStore;
 use content::Content;
 use control::ControlFile;

@@ -5,6 +5,7 @@
 //! cannot be keys are refused with an errno, never rewritten.
 
 use super::error::{FsError, FsResult};
+use crate::format::{range_from, Key};
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 
@@ -29,25 +30,24 @@ pub fn key_is_path(key: &str) -> bool {
 }
 
 /// Whether a shown key lies under `key/`: the directory wins and file `key` is hidden.
-pub fn is_shadowed<V>(index: &BTreeMap<String, V>, key: &str) -> bool {
+pub fn is_shadowed<V>(index: &BTreeMap<Key, V>, key: &str) -> bool {
     has_path_under(index, &format!("{key}/"))
 }
 
 /// Whether a key that can be a path starts with `prefix`: what makes a
 /// directory exist (hidden keys imply nothing).
-pub fn has_path_under<V>(index: &BTreeMap<String, V>, prefix: &str) -> bool {
-    index
-        .range(prefix.to_string()..)
+pub fn has_path_under<V>(index: &BTreeMap<Key, V>, prefix: &str) -> bool {
+    range_from(index, prefix)
         .take_while(|(k, _)| k.starts_with(prefix))
         .any(|(k, _)| key_is_path(k))
 }
 
 /// Keys the tree does not show, in key order.
-pub fn unmapped_keys<V>(index: &BTreeMap<String, V>) -> Vec<String> {
+pub fn unmapped_keys<V>(index: &BTreeMap<Key, V>) -> Vec<String> {
     index
         .keys()
         .filter(|k| !key_is_path(k) || is_shadowed(index, k))
-        .cloned()
+        .map(Key::to_string)
         .collect()
 }
 
@@ -107,9 +107,9 @@ mod tests {
 
     #[test]
     fn shadowed_files_are_unmapped() {
-        let index: BTreeMap<String, ()> = ["d", "d!", "d/e", "h", "h//x", "x//y", "z"]
+        let index: BTreeMap<Key, ()> = ["d", "d!", "d/e", "h", "h//x", "x//y", "z"]
             .into_iter()
-            .map(|k| (k.to_string(), ()))
+            .map(|k| (k.into(), ()))
             .collect();
         assert_eq!(unmapped_keys(&index), vec!["d", "h//x", "x//y"]);
         assert!(!has_path_under(&index, "x/"));

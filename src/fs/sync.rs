@@ -77,7 +77,7 @@ impl S4Fs {
             ControlFile::Download => Ok(db.download(false).await?),
             ControlFile::Compact => {
                 self.upload().await?;
-                let before: Vec<(String, Location)> =
+                let before: Vec<(crate::format::Key, Location)> =
                     db.read_index(|idx| idx.iter().map(|(k, l)| (k.clone(), *l)).collect());
                 db.compact().await?;
                 // Values did not change, only where they are: their sizes and
