@@ -2,6 +2,7 @@
 //! inode is a name for a path: it follows the path through renames and is
 //! dropped when the kernel forgets it.
 
+use crate::format::Key;
 use std::collections::HashMap;
 
 pub const ROOT_INO: u64 = 1;
@@ -16,9 +17,11 @@ pub enum NodeKind {
     Dir,
 }
 
+/// Paths are [`Key`]s: a listed directory can bind many inodes at once
+/// (READDIRPLUS), and short paths then need no allocation of their own.
 #[derive(Debug)]
 struct Node {
-    path: String,
+    path: Key,
     kind: NodeKind,
     /// Lookups the kernel holds (FUSE's nlookup); at zero the inode is freed.
     lookups: u64,
@@ -27,7 +30,7 @@ struct Node {
 #[derive(Debug)]
 pub struct Inodes {
     by_ino: HashMap<u64, Node>,
-    by_path: HashMap<String, u64>,
+    by_path: HashMap<Key, u64>,
     next: u64,
 }
 
@@ -66,12 +69,12 @@ impl Inodes {
             self.by_ino.insert(
                 ino,
                 Node {
-                    path: path.to_string(),
+                    path: path.into(),
                     kind,
                     lookups: 0,
                 },
             );
-            self.by_path.insert(path.to_string(), ino);
+            self.by_path.insert(path.into(), ino);
             ino
         });
         if lookup {
@@ -95,8 +98,8 @@ impl Inodes {
         node.lookups = node.lookups.saturating_sub(n);
         if node.lookups == 0 {
             let node = self.by_ino.remove(&ino).expect("present");
-            if self.by_path.get(&node.path) == Some(&ino) {
-                self.by_path.remove(&node.path);
+            if self.by_path.get(node.path.as_str()) == Some(&ino) {
+                self.by_path.remove(node.path.as_str());
             }
         }
     }
@@ -111,15 +114,15 @@ impl Inodes {
     pub fn rename(&mut self, from: &str, to: &str) {
         self.unbind(to);
         let under = format!("{from}/");
-        let moved: Vec<(String, u64)> = self
+        let moved: Vec<(Key, u64)> = self
             .by_path
             .iter()
             .filter(|(p, _)| p.as_str() == from || p.starts_with(&under))
             .map(|(p, i)| (p.clone(), *i))
             .collect();
         for (old, ino) in moved {
-            let new = format!("{to}{}", &old[from.len()..]);
-            self.by_path.remove(&old);
+            let new = Key::from(format!("{to}{}", &old[from.len()..]));
+            self.by_path.remove(old.as_str());
             self.by_path.insert(new.clone(), ino);
             if let Some(node) = self.by_ino.get_mut(&ino) {
                 node.path = new;
