@@ -1,5 +1,5 @@
 //! Engine benchmarks (criterion). See docs/BENCHMARKS.md for results and
-//! scripts/bench.sh for the side-by-side run against the Python package.
+//! scripts/bench_micro.sh for the side-by-side run against the Python package.
 //!
 //!     cargo bench --bench engine                 everything (a few minutes)
 //!     cargo bench --bench engine -- put          only benchmarks whose id contains "put"
@@ -8,7 +8,7 @@
 //! Two backends:
 //! - the embedded local store (`LocalStore` in a temporary directory);
 //! - a moto S3 server (`moto/...` benchmarks). With `S4DB_BENCH_MOTO_ENDPOINT`
-//!   set (scripts/bench.sh does), that server is used; otherwise the bench starts
+//!   set (scripts/bench_micro.sh does), that server is used; otherwise the bench starts
 //!   `moto_server` itself (`$S4DB_MOTO_SERVER`, default
 //!   `.venv-test/py10/bin/moto_server`) on the first moto benchmark and kills
 //!   it at the end. Moto is a local Python server: its latencies are not S3's.
@@ -16,7 +16,7 @@
 //! Values are incompressible pseudo-random bytes (stored raw, like most real
 //! payloads that were compressed already); keys are `key-00000042`.
 //! Upload benchmarks also print one `s4db-bench-bytes {json}` line with the
-//! bytes they sent, which scripts/bench.sh puts in its table.
+//! bytes they sent, which scripts/bench_micro.sh puts in its table.
 //! No timing is asserted anywhere.
 
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
@@ -144,7 +144,7 @@ fn fill(db: &S4db, first: usize, n: usize, len: usize) {
     }
 }
 
-/// One machine-readable line for scripts/bench.sh.
+/// One machine-readable line for scripts/bench_micro.sh.
 fn report_bytes(bench: &str, files: usize, data_bytes: u64, index_bytes: u64) {
     println!(
         "s4db-bench-bytes {{\"bench\":\"{bench}\",\"files\":{files},\"data_bytes\":{data_bytes},\"index_bytes\":{index_bytes}}}"

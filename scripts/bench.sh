@@ -1,86 +1,53 @@
 #!/usr/bin/env bash
-# Benchmarks: our Rust engine (criterion, benches/engine.rs) and the real Python
-# s4db 0.10.0 (scripts/bench_python.py) on the same workloads, against one moto
-# S3 server, side by side. Results: docs/BENCHMARKS.md.
+# The whole benchmark suite in one go, writing docs/BENCHMARKS.md (figures, ratios, S3
+# request costs, the targets met or missed) and its chart docs/bench-peers-20ms.png.
 #
-#   scripts/bench.sh              everything (about 10 minutes on 2 cores, after the build)
-#   scripts/bench.sh 'moto/'      only benchmarks whose id matches this regex (both sides)
-#   scripts/bench.sh --quick      smoke test: Rust in criterion's test mode, few Python samples
+#   scripts/bench.sh           everything: about 15 minutes on 2 cores after the build
+#   scripts/bench.sh --quick   smoke test with tiny sizes (the test suite runs it); writes
+#                              target/bench/quick/BENCHMARKS.md, never docs/
 #
-# Needs .venv-test/py10 (moto, boto3, s4db 0.10.0); runs `scripts/test.sh --setup-only`
-# when it is missing. If .venv-test/py08 exists, s4db 0.8.0's put workloads run too.
-# Output: the table on stdout and in target/bench/table.md; logs in target/bench/.
+# The parts, each runnable on its own (see its --help):
+#   scripts/bench_engine.sh  the engine against the Python s4db 0.10.0 library
+#   scripts/bench_peers.sh   s4db-mount against s3fs and rclone mount (and the local disk),
+#                            without and with 20 ms of added round trip
+#   scripts/bench_scale.sh   1,000,000 keys: mount time, daemon memory, ls -l of 100,000
+#   scripts/bench_report.py  docs/BENCHMARKS.md from their JSON results
+# Installs what it needs (s3fs, rclone, fio with apt-get; the Python venvs; matplotlib in
+# .venv-test/bench) and builds the release binaries. Micro-benchmarks (criterion) are
+# scripts/bench_micro.sh, not part of this run.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
+QUICK=()
+[[ "${1:-}" == --quick ]] && QUICK=(--quick)
 
-QUICK=0
-if [[ "${1:-}" == "--quick" ]]; then
-  QUICK=1
-  shift
-fi
-FILTER="${1:-}"
-
-PY="$ROOT/.venv-test/py10/bin/python"
-PY08="$ROOT/.venv-test/py08/bin/python"
-MOTO_SERVER="${S4DB_MOTO_SERVER:-$ROOT/.venv-test/py10/bin/moto_server}"
-if [[ ! -x "$PY" || ! -x "$MOTO_SERVER" ]]; then
-  "$ROOT/scripts/test.sh" --setup-only
-fi
-
+source "$ROOT/scripts/lib.sh"
+start=$(date +%s)
 OUT="$ROOT/target/bench"
+DOC="$ROOT/docs/BENCHMARKS.md"
+CHART="$ROOT/docs/bench-peers-20ms.png"
+SCALE=()
+if [[ ${#QUICK[@]} -gt 0 ]]; then
+  OUT="$ROOT/target/bench/quick"
+  DOC="$OUT/BENCHMARKS.md"
+  CHART="$OUT/bench-peers-20ms.png"
+  SCALE=(--keys 2000)
+fi
 mkdir -p "$OUT"
-rm -f "$OUT"/python.json "$OUT"/python08.json "$OUT"/cargo-bench.log
+export S4DB_BENCH_OUT="$OUT"
 
-# ---- moto on a free port, stopped on exit
-PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"$MOTO_SERVER" -H 127.0.0.1 -p "$PORT" >"$OUT/moto.log" 2>&1 &
-MOTO_PID=$!
-stop_moto() {
-  kill "$MOTO_PID" 2>/dev/null || true
-  wait "$MOTO_PID" 2>/dev/null || true
-}
-trap stop_moto EXIT
-ENDPOINT="http://127.0.0.1:$PORT"
-for _ in $(seq 1 100); do
-  if "$PY" -c "import urllib.request, sys; urllib.request.urlopen(sys.argv[1], timeout=1)" "$ENDPOINT" 2>/dev/null; then
-    break
-  fi
-  if ! kill -0 "$MOTO_PID" 2>/dev/null; then
-    echo "bench.sh: moto_server exited; log:" >&2
-    cat "$OUT/moto.log" >&2
-    exit 1
-  fi
-  sleep 0.2
-done
-echo "bench.sh: moto at $ENDPOINT (pid $MOTO_PID)" >&2
+bench_setup # venvs, and $BIN: the release binaries (or S4DB_BENCH_BIN)
+export S4DB_BENCH_BIN="$BIN"
 
-# ---- Rust
-export S4DB_BENCH_MOTO_ENDPOINT="$ENDPOINT"
-start=$(date +%s)
-if [[ $QUICK -eq 1 ]]; then
-  # Test mode: each benchmark once, small setups; no criterion results are saved.
-  cargo test --release --bench engine -- ${FILTER:+"$FILTER"} 2>&1 | tee "$OUT/cargo-bench.log"
-else
-  cargo bench --bench engine -- ${FILTER:+"$FILTER"} 2>&1 | tee "$OUT/cargo-bench.log"
-fi
-echo "bench.sh: cargo bench took $(($(date +%s) - start)) s" >&2
-
-# ---- Python
-start=$(date +%s)
-PYARGS=(run --endpoint "$ENDPOINT" --filter "$FILTER")
-[[ $QUICK -eq 1 ]] && PYARGS+=(--quick)
-"$PY" "$ROOT/scripts/bench_python.py" "${PYARGS[@]}" --json "$OUT/python.json"
-if [[ -x "$PY08" ]]; then
-  "$PY08" "$ROOT/scripts/bench_python.py" "${PYARGS[@]}" --json "$OUT/python08.json"
-fi
-echo "bench.sh: Python benchmarks took $(($(date +%s) - start)) s" >&2
-
-# ---- table
-# (criterion saves no results in test mode: no Rust times then)
-CRIT=(--criterion "$ROOT/target/criterion")
-[[ $QUICK -eq 1 ]] && CRIT=()
-echo
-"$PY" "$ROOT/scripts/bench_python.py" table "${CRIT[@]}" --filter "$FILTER" \
-  --rust-log "$OUT/cargo-bench.log" --python "$OUT/python.json" \
-  --python08 "$OUT/python08.json" | tee "$OUT/table.md"
+step() { echo "bench.sh: $* ($(($(date +%s) - start)) s so far)" >&2; }
+step "engine against Python"
+scripts/bench_engine.sh "${QUICK[@]}"
+step "mount against s3fs and rclone"
+scripts/bench_peers.sh "${QUICK[@]}" --rtt-ms 0,20
+step "1,000,000 keys"
+scripts/bench_scale.sh "${SCALE[@]}"
+step "chart and report"
+"$PY" scripts/bench_chart.py "$OUT/peers-20ms.json" "$CHART"
+"$PY" scripts/bench_report.py --results "$OUT" --out "$DOC" --chart "$CHART" \
+  --duration-s "$(($(date +%s) - start))"
+step "done: $DOC"

@@ -19,19 +19,21 @@ VENV_PY = os.path.join(VENV, "bin", "python")
 
 # Short x labels; every workload bench_peers.sh measures, in its table's order.
 SHORT = {
+    "create_many": "create {nc}\n+ publish",
     "create": "create {n}\n+ publish",
     "ls": "ls -l {n}\n(remount)",
     "cold": "cold cat\n{n} files",
     "warm": "warm cat\n{n} files",
     "mv": "mv {k}\n+ publish",
-    "append": ">> {k}\n+ publish",
+    "append": ">> {ka}\n+ publish",
     "rm": "rm -r {n}\n+ publish",
     "seq64": "64 × 64 KiB\none by one",
     "par64": "64 × 64 KiB\nparallel",
     "fio_w": "fio write\n{big} MiB",
     "fio_r": "fio read\n{big} MiB",
+    "read_warm": "warm read\n{big} MiB",
 }
-COLORS = {"s4db": "#2a7ab9", "s3fs": "#d9822b", "rclone": "#5b9e47"}
+COLORS = {"s4db": "#2a7ab9", "s3fs": "#d9822b", "rclone": "#5b9e47", "local": "#9a9a9a"}
 
 
 def ensure_matplotlib():
@@ -62,7 +64,8 @@ def main():
     doc = json.load(open(sys.argv[1]))
     tools, names, res = doc["tools"], doc["tool_names"], doc["results"]
     wids = [w for w in doc["workloads"] if w in SHORT]
-    fmt = {"n": doc["n"], "k": doc["k"], "big": doc["big_mib"]}
+    fmt = {"n": doc["n"], "k": doc["k"], "ka": doc.get("ka", doc["k"]),
+           "nc": doc.get("n_create", doc["n"]), "big": doc["big_mib"]}
 
     fig, ax = plt.subplots(figsize=(14, 6.5))
     width = 0.8 / len(tools)
@@ -73,6 +76,8 @@ def main():
             x = j + (i - (len(tools) - 1) / 2) * width
             if e["status"] == "ok":
                 v, label, hatch = e["median_s"], fmt_s(e["median_s"]), None
+            elif e["status"] == "not run":
+                continue
             elif e["status"] == "timeout":
                 # Drawn up to the cap, hatched: the real bar is taller.
                 v, label, hatch = e["cap_s"], f"> {e['cap_s']:g} s", "///"

@@ -4,9 +4,11 @@
 # network latency (scripts/latency_proxy.py) so that each tool's request pattern costs what
 # it would against real S3, and that counts every request each tool sends.
 #
-#   scripts/bench_peers.sh [--n N] [--runs R] [--rtt-ms MS[,MS...]] [--cap S] [--quick]
+#   scripts/bench_peers.sh [--n N] [--n-create N] [--runs R] [--rtt-ms MS[,MS...]] [--cap S] [--quick]
 #
-#   --n N        small files in the create/ls/read/rm workloads (default 1000)
+#   --n N        small files in the create/ls/read/rm workloads, and files renamed (default 1000)
+#   --n-create N files of the large create workload, run in the last RTT pass only, where
+#                the peers are capped at CREATE_CAP_RATIO × s4db's time (default 10000)
 #   --runs R     runs per tool; times are medians (default 3)
 #   --rtt-ms L   added round-trip time, comma-separated for several passes (default 20);
 #                0 = straight to moto, no proxy, so no request counts (s4db's own stats stay)
@@ -14,7 +16,10 @@
 #                seconds is stopped and shown as "> X s" (default 15)
 #   --quick      smoke test: N=20, one run, 4 MiB fio file
 #
-# Output: per RTT, a markdown table on stdout and in target/bench/peers-<rtt>ms.md, all raw
+# A fourth column, "local disk", runs the workloads that mean something on a local ext4
+# directory (creating, listing, warm reads, fio) as the reference for what a mount costs.
+#
+# Output (in $S4DB_BENCH_OUT, default target/bench): per RTT, a markdown table on stdout and in peers-<rtt>ms.md, all raw
 # numbers in target/bench/peers-<rtt>ms.json (scripts/bench_chart.py draws them), and the
 # proxy's request log in target/bench/peers-<rtt>ms-requests.log.
 #
@@ -48,6 +53,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
 
 N=1000
+NC=10000
 RUNS=3
 RTTS=20
 CAP_S=15
@@ -57,6 +63,7 @@ QUICK=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
   --n) N=$2; shift 2 ;;
+  --n-create) NC=$2; shift 2 ;;
   --runs) RUNS=$2; shift 2 ;;
   --rtt-ms) RTTS=$2; shift 2 ;;
   --cap) CAP_S=$2; shift 2 ;;
@@ -67,11 +74,13 @@ while [[ $# -gt 0 ]]; do
 done
 BIG_MIB=64
 if [[ $QUICK -eq 1 ]]; then
-  N=20 RUNS=1 BIG_MIB=4
+  N=20 NC=50 RUNS=1 BIG_MIB=4
 fi
 REPEAT_UNDER_S=5
-K=$((N < 100 ? N : 100)) # files renamed, and as many others appended to
-TOOLS=(s4db s3fs rclone)
+K=$N                             # files renamed
+KA=$((N < 100 ? N : 100))        # files appended to
+CREATE_CAP_RATIO=25 # the large create's cap: a lower bound on the ratio the target asks for
+TOOLS=(s4db s3fs rclone local)
 
 # ---- tools (the apt_install pattern of scripts/test.sh)
 source "$ROOT/scripts/lib.sh"
@@ -82,7 +91,7 @@ command -v fio >/dev/null || apt_install fio
 command -v bc >/dev/null || apt_install bc
 
 bench_setup
-OUT="$ROOT/target/bench"
+OUT="${S4DB_BENCH_OUT:-$ROOT/target/bench}"
 mkdir -p "$OUT"
 
 # Explicit credentials for every tool, nothing from the environment or ~/.aws. The
@@ -455,8 +464,18 @@ log "moto at $MOTO"
 printf 'bench:bench\n' >"$WORK/s3fs.passwd"
 chmod 600 "$WORK/s3fs.passwd"
 head -c 192 /dev/urandom | base64 -w0 >"$WORK/small" # 256 B of text
+mkdir -p "$WORK/mnt"
+"$PY" - "$WORK" "$N" "$NC" <<'PYEOF' # the files the create workloads copy
+import os, sys
+work, n, nc = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+small = open(f"{work}/small", "rb").read()
+for d, count in (("d", n), ("c", nc)):
+    os.makedirs(f"{work}/src/{d}")
+    for i in range(1, count + 1):
+        with open(f"{work}/src/{d}/f{i}", "wb") as f:
+            f.write(small)
+PYEOF
 MNT="$WORK/mnt"
-mkdir -p "$MNT"
 
 # ---- mounting. Every daemon runs in the foreground, in the background of this script,
 # so its pid is known (to wait for its exit after unmounting, or to stop it at exit).
@@ -466,6 +485,13 @@ RCLONE_MOUNTED_AT=0 # rclone's log size when the mount started
 mount_tool() { # mount_tool TOOL BUCKET: mount on $MNT with fresh cache directories
   local tool=$1 bucket=$2 cache
   cache=$(mktemp -d "$WORK/cache-$tool.XXXX")
+  if [[ $tool == local ]]; then # the reference: a directory on the local disk
+    MNT="$WORK/local-$bucket"
+    mkdir -p "$MNT"
+    DAEMON=""
+    return 0
+  fi
+  MNT="$WORK/mnt"
   case $tool in
   s4db)
     "$BIN/s4db-mount" -f --endpoint-url "$EP" --force-path-style --region us-east-1 \
@@ -495,8 +521,16 @@ mount_tool() { # mount_tool TOOL BUCKET: mount on $MNT with fresh cache director
   tail -20 "$WORK/$tool.log" >&2
   exit 1
 }
-unmount_tool() {
+unmount_tool() { # unmount_tool [--hard]: --hard after a capped write, whose leftovers nobody needs
   local i
+  [[ -n "$DAEMON" ]] || return 0
+  if [[ ${1:-} == --hard ]]; then
+    fusermount3 -uz "$MNT" 2>/dev/null || true
+    kill -9 "$DAEMON" 2>/dev/null || true
+    wait "$DAEMON" 2>/dev/null || true
+    forget "$DAEMON"
+    return 0
+  fi
   for i in $(seq 50); do # busy for a moment after a workload was killed at the cap
     fusermount3 -u "$MNT" 2>/dev/null && break
     [[ $i -eq 50 ]] && fusermount3 -uz "$MNT"
@@ -514,7 +548,7 @@ unmount_tool() {
   kill "$DAEMON" 2>/dev/null || true
 }
 logsize() { stat -c %s "$RCLONE_LOG" 2>/dev/null || echo 0; }
-mounted() { grep -q " $MNT " /proc/self/mountinfo && kill -0 "$DAEMON" 2>/dev/null; }
+mounted() { [[ -z "$DAEMON" ]] || { grep -q " $MNT " /proc/self/mountinfo && kill -0 "$DAEMON" 2>/dev/null; }; }
 
 # How a tool's write workload ends: with its result in S3 (see "Fairness rules" above).
 publish_cmd() { # publish_cmd TOOL WID SPEC...
@@ -522,7 +556,7 @@ publish_cmd() { # publish_cmd TOOL WID SPEC...
   shift 2
   case $tool:$wid in
   s4db:*) echo "echo > .s4db/upload" ;;
-  s3fs:*) echo "sync" ;;
+  s3fs:* | local:*) echo "sync" ;;
   # rclone renames and deletes within the system call; files it uploads after close().
   rclone:mv | rclone:rm) echo "true" ;;
   rclone:*) echo "'$PY' '$WORK/peers.py' wait-rclone '$RCLONE_LOG' $(logsize)$(printf ' %q' "$@")" ;;
@@ -531,7 +565,9 @@ publish_cmd() { # publish_cmd TOOL WID SPEC...
 verify() { # verify TOOL BUCKET SPEC...: does the bucket hold what the workload made?
   local tool=$1 bucket=$2
   shift 2
-  if [[ $tool == s4db ]]; then
+  if [[ $tool == local ]]; then
+    return 0
+  elif [[ $tool == s4db ]]; then
     helper check "$MOTO" "$bucket" "$@" --s4db "$BIN/s4db"
   else
     helper check "$MOTO" "$bucket" "$@"
@@ -544,17 +580,22 @@ RAW=""
 reqline() { if [[ -n "$REQLOG" ]]; then wc -l <"$REQLOG"; else echo -; fi; }
 s4stats() { if [[ $1 == s4db ]]; then helper stats "$MNT"; else echo -; fi; }
 peer_cap() { # peer_cap WID: max(CAP_S, CAP_RATIO × s4db's median for WID), whole seconds
-  local m
+  local m k=$CAP_RATIO
+  [[ $1 == create_many ]] && k=$CREATE_CAP_RATIO
   m=$(awk -F'\t' -v w="$1" '$1 == "s4db" && $2 == w && $5 == "ok" { print $4 }' "$RAW" |
     sort -g | awk '{ a[NR] = $1 } END { print NR ? (NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2) : 0 }')
-  awk -v m="$m" -v floor="$CAP_S" -v k="$CAP_RATIO" \
+  awk -v m="$m" -v floor="$CAP_S" -v k="$k" \
     'BEGIN { c = k * m; if (c < floor) c = floor; printf "%d\n", c == int(c) ? c : int(c) + 1 }'
 }
+LOCAL_WIDS=" create create_many ls warm fio_w read_warm " # what the local disk runs
 wants() { # wants WID: is WID measured in this run?
+  [[ $TOOL != local || $LOCAL_WIDS == *" $1 "* ]] || return 1
+  [[ $1 != create_many || $RTT == "$LAST_RTT" ]] || return 1
   [[ $RUN -eq 1 ]] && return 0
   [[ -z "${ONCE[$TOOL $1]:-}" ]] || return 1
   # A warm read is only warm after the cold read in the same mount.
-  [[ $1 != warm ]] || wants cold
+  [[ $TOOL == local || $1 != warm ]] || wants cold
+  [[ $TOOL == local || $1 != read_warm ]] || wants fio_r
 }
 timed() { # timed WID COMMAND [SPEC...]: runs COMMAND in the mount (plus the publish step
   # and the check when SPECs are given), records time, status and the requests it sent
@@ -562,7 +603,7 @@ timed() { # timed WID COMMAND [SPEC...]: runs COMMAND in the mount (plus the pub
   shift 2
   wants "$wid" || return 0
   local status=ok ra rb sa sb t0 secs rc=0 cap=$S4DB_CAP_S
-  [[ $TOOL == s4db ]] || cap=$(peer_cap "$wid")
+  [[ $TOOL == s4db || $TOOL == local ]] || cap=$(peer_cap "$wid")
   if ! mounted; then
     log "$TOOL: mount gone before $wid"
     status=fail
@@ -607,7 +648,9 @@ timed() { # timed WID COMMAND [SPEC...]: runs COMMAND in the mount (plus the pub
 # Data the workloads after a skipped or capped one still need: through the mount for
 # s4db (its format), straight into the bucket for the peers (plain objects).
 seed() { # seed D E P BIG: d/f1..D, e/f1..E, p/k1..P, big.bin of BIG bytes
-  if [[ $TOOL == s4db ]]; then
+  if [[ $TOOL == local ]]; then
+    return 0
+  elif [[ $TOOL == s4db ]]; then
     (
       cd "$MNT"
       mkdir -p d e p
@@ -623,41 +666,55 @@ seed() { # seed D E P BIG: d/f1..D, e/f1..E, p/k1..P, big.bin of BIG bytes
 }
 
 FIO=(fio --bs=1M --size="${BIG_MIB}M" --ioengine=psync --filename=big.bin)
-one_run() { # one_run: every workload once for $TOOL in a new bucket
+one_run() { # one_run: every workload once for $TOOL in new buckets
+  BUCKET="$TOOL-${RTT}ms-r$RUN-c"
+  if wants create_many; then # a bucket of its own: a capped run leaves a partial copy
+    [[ $TOOL == local ]] || helper mkbucket "$MOTO" "$BUCKET"
+    mount_tool "$TOOL" "$BUCKET"
+    timed create_many "cp -r '$WORK/src/c' c" "c/f[1-$NC]=256"
+    if [[ $(tail -1 "$RAW" | cut -f5) == timeout ]]; then unmount_tool --hard; else unmount_tool; fi
+  fi
   BUCKET="$TOOL-${RTT}ms-r$RUN"
-  helper mkbucket "$MOTO" "$BUCKET"
+  [[ $TOOL == local ]] || helper mkbucket "$MOTO" "$BUCKET"
   local need_d=0 need_e=0 need_p=0 need_big=0 w
   for w in ls cold warm rm; do wants $w && need_d=$N; done
-  for w in mv append; do wants $w && need_e=$((2 * K)); done
+  for w in mv append; do wants $w && need_e=$((K + KA)); done
   for w in seq64 par64; do wants $w && need_p=128; done
   wants fio_r && ! wants fio_w && need_big=$((BIG_MIB << 20))
 
   mount_tool "$TOOL" "$BUCKET"
-  timed create "mkdir d && for i in \$(seq 1 $N); do cp '$WORK/small' d/f\$i; done" "d/f[1-$N]=256"
+  timed create "cp -r '$WORK/src/d' d" "d/f[1-$N]=256"
   seed "$need_d" "$need_e" "$need_p" "$need_big"
   timed fio_w "${FIO[*]} --name=write --rw=write --fallocate=none --output='$WORK/fio.out'" \
     "big.bin=$((BIG_MIB << 20))"
   unmount_tool
 
-  # A new machine: fresh mount, empty caches.
+  # A new machine: fresh mount, empty caches (the local disk keeps its page cache: it
+  # is the reference for listing and warm reads only).
   mount_tool "$TOOL" "$BUCKET"
   timed ls "ls -l d"
   timed cold "cat d/*"
+  [[ $TOOL == local ]] && cat "$MNT"/d/* >/dev/null
   timed warm "cat d/*"
   # The directory is known; the 64 KiB files' contents are not. Two separate halves, so
   # the parallel reads are as cold as the sequential ones.
-  ls p >/dev/null 2>&1 || true
+  ls "$MNT/p" >/dev/null 2>&1 || true
   timed seq64 "for i in \$(seq 1 64); do cat p/k\$i; done"
   timed par64 "seq 65 128 | xargs -P 64 -I{} cat p/k{}"
   timed fio_r "${FIO[*]} --name=read --rw=read --readonly --output='$WORK/fio.out'"
+  [[ $TOOL == local ]] && cat "$MNT/big.bin" >/dev/null
+  # dd, not fio: fio drops the file's page cache before it starts (invalidate=1), and
+  # its start-up would weigh more than a read from memory.
+  timed read_warm "dd if=big.bin of=/dev/null bs=1M"
   # Renames and appends act on files of their own (e/), never read in this mount: the
   # same state in every run, whichever reads were skipped (s4db keeps values it has
   # read, and appending to one then costs no GET).
   timed mv "for i in \$(seq 1 $K); do mv e/f\$i e/g\$i; done" "e/g[1-$K]=256" "!e/f[1-$K]"
-  timed append "for i in \$(seq $((K + 1)) $((2 * K))); do echo more >> e/f\$i; done" \
-    "e/f[$((K + 1))-$((2 * K))]=261"
+  timed append "for i in \$(seq $((K + 1)) $((K + KA))); do echo more >> e/f\$i; done" \
+    "e/f[$((K + 1))-$((K + KA))]=261"
   timed rm "rm -r d" '!d/*'
   unmount_tool
+  [[ $TOOL != local ]] || rm -rf "$WORK/local-$BUCKET" "$WORK/local-$BUCKET-c"
 }
 
 VERSIONS=$(printf '{"s4db": "%s", "s3fs": "%s", "rclone": "%s", "fio": "%s", "moto": "%s"}' \
@@ -666,6 +723,7 @@ VERSIONS=$(printf '{"s4db": "%s", "s3fs": "%s", "rclone": "%s", "fio": "%s", "mo
   "$(rclone version 2>/dev/null | head -1 | awk '{print $2}')" "$(fio --version)" \
   "$("$PY" -c 'import moto; print(moto.__version__)')")
 
+LAST_RTT=${RTTS##*,}
 for RTT in ${RTTS//,/ }; do
   REQLOG=""
   EP="$MOTO"
@@ -714,25 +772,27 @@ EOF
     cat <<EOF
 {"rtt_ms": $RTT, "n": $N, "runs": $RUNS, "cap_floor_s": $CAP_S, "cap_ratio": $CAP_RATIO,
  "repeat_under_s": $REPEAT_UNDER_S,
- "big_mib": $BIG_MIB, "k": $K, "date": "$(date -u +%Y-%m-%dT%H:%M:%SZ)", "cores": $(nproc),
+ "big_mib": $BIG_MIB, "k": $K, "ka": $KA, "n_create": $NC, "create_cap_ratio": $CREATE_CAP_RATIO, "date": "$(date -u +%Y-%m-%dT%H:%M:%SZ)", "cores": $(nproc),
  "kernel": "$(uname -r)", "versions": $VERSIONS,
- "tools": ["s4db", "s3fs", "rclone"],
- "tool_names": {"s4db": "s4db-mount", "s3fs": "s3fs", "rclone": "rclone"},
+ "tools": ["s4db", "s3fs", "rclone", "local"],
+ "tool_names": {"s4db": "s4db-mount", "s3fs": "s3fs", "rclone": "rclone", "local": "local disk"},
  "title": "s4db-mount, s3fs and rclone mount on moto_server, $([[ $RTT == 0 ]] && echo "no added latency (requests not counted)" || echo "+$RTT ms RTT")",
  "subtitle": "N=$N, $([[ $RUNS -gt 1 ]] && echo "median of $RUNS runs" || echo "one run"), seconds (lower is better) and the S3 requests sent. $(nproc) cores; s3fs $(s3fs --version 2>/dev/null | head -1 | grep -o 'V[0-9.]*'), rclone $(rclone version 2>/dev/null | head -1 | awk '{print $2}') with --vfs-cache-mode writes --vfs-write-back 0s.",
- "footnote": "peer ÷ s4db: how many times longer the peer took (> 1: s4db is faster). † one run only: it took over $REPEAT_UNDER_S s (or hit the cap) the first time. > X s: stopped at the cap, max($CAP_S s, $CAP_RATIO × s4db's time). Write workloads end when the result is in S3; reads run on a fresh mount with empty caches.",
+ "footnote": "peer ÷ s4db: how many times longer the peer took (> 1: s4db is faster). † one run only: it took over $REPEAT_UNDER_S s (or hit the cap) the first time. > X s: stopped at the cap, max($CAP_S s, $CAP_RATIO × s4db's time; $CREATE_CAP_RATIO × for the $NC-file create, so that a capped ratio still shows whether s4db is $CREATE_CAP_RATIO× faster). Write workloads end when the result is in S3 (local disk: after sync); reads run on a fresh mount with empty caches; the local disk's reads are from its page cache.",
  "workloads": {
-  "create": "create $N files of 256 B + publish",
+  "create_many": "create $NC files of 256 B (cp -r) + publish",
+  "create": "create $N files of 256 B (cp -r) + publish",
   "ls": "ls -l of $N files after a remount",
   "cold": "cold read of $N files (cat)",
   "warm": "warm read of $N files (cat)",
   "mv": "rename $K cold files (mv) + publish",
-  "append": "append to $K cold files (>>) + publish",
+  "append": "append to $KA cold files (>>) + publish",
   "rm": "rm -r of $N files + publish",
   "seq64": "64 cold reads of 64 KiB, one by one",
   "par64": "64 cold reads of 64 KiB, 64 in parallel",
   "fio_w": "fio sequential write, $BIG_MIB MiB (bs=1M) + publish",
-  "fio_r": "fio cold sequential read, $BIG_MIB MiB (bs=1M)"
+  "fio_r": "fio cold sequential read, $BIG_MIB MiB (bs=1M)",
+  "read_warm": "warm sequential read of the same $BIG_MIB MiB (dd bs=1M)"
  }}
 EOF
   )

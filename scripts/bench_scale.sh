@@ -27,7 +27,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
 
 KEYS=1000000
-OUT="$ROOT/target/bench"
+OUT="${S4DB_BENCH_OUT:-$ROOT/target/bench}"
 while [[ $# -gt 0 ]]; do
   case $1 in
     --keys) KEYS=$2; shift 2 ;;

@@ -30,6 +30,10 @@ command -v script >/dev/null || apt_install bsdutils
 command -v rsync >/dev/null || apt_install rsync
 command -v runuser >/dev/null || apt_install util-linux
 command -v useradd >/dev/null || apt_install passwd
+# The peers and tools of the benchmark scripts, which the tests run on a tiny N.
+for tool in s3fs rclone fio bc; do
+  command -v $tool >/dev/null || apt_install $tool
+done
 command -v python3 >/dev/null || apt_install python3 python3-venv
 # Debian's own python3 needs python3-venv for `python3 -m venv`.
 python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv
