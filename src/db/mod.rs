@@ -10,6 +10,7 @@ mod commit;
 mod hints;
 mod local_dir;
 mod maintenance;
+mod readahead;
 mod recovery;
 mod state;
 

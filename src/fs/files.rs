@@ -451,6 +451,70 @@ impl S4Fs {
         Ok(())
     }
 
+    /// The values of `keys` (at `locs`, as looked up just before): those a
+    /// `stat` or a read left in the small-value cache cost nothing, the rest
+    /// are fetched together.
+    async fn values_of(
+        &self,
+        keys: &[&str],
+        locs: &[Option<Location>],
+    ) -> FsResult<Vec<Option<Value>>> {
+        let mut values: Vec<Option<Value>> = locs
+            .iter()
+            .map(|l| l.and_then(|l| self.small_values.take(l)))
+            .collect();
+        let missing: Vec<usize> = (0..keys.len()).filter(|&i| values[i].is_none()).collect();
+        if let [i] = missing[..] {
+            // One cold file, as each `mv` of a loop over a directory asks:
+            // its neighbours come along, so the next `mv`s need no request.
+            if let Some(loc) = locs[i] {
+                if let Some(v) = self.fetch_with_neighbours(keys[i], loc).await {
+                    values[i] = Some(v);
+                    return Ok(values);
+                }
+            }
+        }
+        let wanted: Vec<&str> = missing.iter().map(|&i| keys[i]).collect();
+        for (i, v) in missing.into_iter().zip(self.db.get_many(&wanted).await?) {
+            values[i] = v;
+        }
+        Ok(values)
+    }
+
+    /// The value of `key` at `loc`, fetched together with the small entries
+    /// near it in the same data file that belong to other keys of its
+    /// directory (within and at most [`NEIGHBOUR_BYTES`], in as few range GETs
+    /// as their gaps allow), which go to the small-value cache. `None` when that read fails: the caller
+    /// reads the value alone and reports its error.
+    async fn fetch_with_neighbours(&self, key: &str, loc: Location) -> Option<Value> {
+        let dir = key.rfind('/').map_or("", |i| &key[..=i]);
+        let mut wanted = vec![(key.to_string(), loc)];
+        self.db.read_index(|idx| {
+            let mut bytes = 0u64;
+            for (k, l) in range_from(idx, dir)
+                .take_while(|(k, _)| k.starts_with(dir))
+                .take(NEIGHBOUR_SCAN)
+            {
+                let near = l.offset != loc.offset && l.offset.abs_diff(loc.offset) < NEIGHBOUR_BYTES;
+                if l.file_id == loc.file_id && near && l.length <= SMALL_ENTRY {
+                    bytes += l.length as u64;
+                    if bytes > NEIGHBOUR_BYTES {
+                        break;
+                    }
+                    wanted.push((k.to_string(), *l));
+                }
+            }
+        });
+        let mut values = self.db.get_at_many(loc.file_id, &wanted).await.ok()?.into_iter();
+        let own = values.next()?.ok()?;
+        for ((_, l), v) in wanted.iter().skip(1).zip(values) {
+            if let Ok(v) = v {
+                self.small_values.insert(*l, v);
+            }
+        }
+        Some(own)
+    }
+
     /// rename(2): the new keys and the tombstones of the old ones in one
     /// batch, so readers and the next upload see all of it or none.
     pub async fn rename(
@@ -504,7 +568,7 @@ impl S4Fs {
         };
         let old: Vec<&str> = moves.iter().map(|(f, _)| f.as_str()).collect();
         let locs: Vec<Option<Location>> = old.iter().map(|k| self.db.location(k)).collect();
-        let values = self.db.get_many(&old).await?;
+        let values = self.values_of(&old, &locs).await?;
         let mut batch = Vec::with_capacity(moves.len() * 2);
         for ((f, t), v) in moves.iter().zip(values) {
             // A key deleted meanwhile is simply not moved.
@@ -559,3 +623,8 @@ impl S4Fs {
 async fn off_session_thread() {
     tokio::task::yield_now().await;
 }
+
+/// How far around a cold value a rename reads its directory's neighbours, and
+/// how many of the directory's keys it looks at to find them.
+const NEIGHBOUR_BYTES: u64 = 1024 * 1024;
+const NEIGHBOUR_SCAN: usize = 16 * 1024;
