@@ -25,7 +25,10 @@ impl S4db {
     ) -> Result<Vec<Result<Value>>> {
         debug_assert!(entries.iter().all(|(_, l)| l.file_id == file_id));
         let local = self.state().local.clone();
-        let wanted_end = entries.iter().map(|(_, l)| l.offset + l.length as u64).max();
+        let wanted_end = entries
+            .iter()
+            .map(|(_, l)| l.offset + l.length as u64)
+            .max();
         let here = match &local {
             Some(dir) => dir.size_of(file_id)?.is_some_and(|n| Some(n) >= wanted_end),
             None => false,
@@ -52,7 +55,11 @@ impl S4db {
                 end = end.max(l.offset + l.length as u64);
                 j += 1;
             }
-            let bytes = self.inner.store.get_range(&object, start, end - start).await?;
+            let bytes = self
+                .inner
+                .store
+                .get_range(&object, start, end - start)
+                .await?;
             for &k in &order[i..j] {
                 let (key, loc) = &entries[k];
                 let from = (loc.offset - start) as usize;

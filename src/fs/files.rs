@@ -21,6 +21,7 @@ impl S4Fs {
             content: None,
             base: None,
             open_loc: None,
+            binary: false,
             dirty: false,
             unlinked: false,
             mtime: SystemTime::now(),
@@ -142,10 +143,14 @@ impl S4Fs {
         }
         let loc = d.open_loc.or_else(|| self.location_of(ino, path));
         let spill = &self.cfg.spill_dir;
+        let mut binary = false;
         d.content = Some(match loc {
             None => Content::empty(spill),
             Some(loc) => match self.small_values.take(loc) {
-                Some(v) => Content::from_bytes(v.into_bytes(), spill)?,
+                Some(v) => {
+                    binary = v.is_binary();
+                    Content::from_bytes(v.into_bytes(), spill)?
+                }
                 None if self
                     .meta
                     .get(loc)
@@ -154,7 +159,8 @@ impl S4Fs {
                     // Straight into a temporary file: a large value is not held in memory.
                     off_session_thread().await;
                     let file = Content::spill_file(spill)?;
-                    let (len, _) = self.db.get_into_file(path, loc, &file).await?;
+                    let len;
+                    (len, binary) = self.db.get_into_file(path, loc, &file).await?;
                     Content::from_spill_file(file, len, spill)
                 }
                 None => {
@@ -166,11 +172,13 @@ impl S4Fs {
                         })) => self.db.get(path).await?.ok_or(FsError::NotFound)?,
                         other => other?,
                     };
+                    binary = v.is_binary();
                     Content::from_bytes(v.into_bytes(), spill)?
                 }
             },
         });
         d.base = loc;
+        d.binary = binary;
         if let Some(loc) = loc {
             if let Some(m) = self.meta.get(loc) {
                 d.mtime = m.mtime;
@@ -245,16 +253,19 @@ impl S4Fs {
         let content = d.content.as_ref().expect("dirty content is loaded");
         let len = content.len();
         check_entry_size(&path, len)?;
-        let loc = if content.is_spilled() {
+        let (loc, binary) = if content.is_spilled() {
             // Too large to hold: streamed from the spill file as a raw entry.
             off_session_thread().await;
             let binary = !content.is_utf8()?;
-            self.db
-                .put_from_reader(&path, &mut content.reader(), len, binary)?
+            let loc = self
+                .db
+                .put_from_reader(&path, &mut content.reader(), len, binary)?;
+            (loc, binary)
         } else {
             let value = Value::from_bytes_guess(content.to_vec()?);
+            let binary = value.is_binary();
             let placed = self.db.apply([(path, Some(value))])?;
-            placed[0].expect("a put is always placed")
+            (placed[0].expect("a put is always placed"), binary)
         };
         self.meta.insert(
             loc,
@@ -266,6 +277,7 @@ impl S4Fs {
         // The kernel's pages hold what was written: they stay valid.
         lock(&self.cached).insert(ino, loc);
         d.base = Some(loc);
+        d.binary = binary;
         d.dirty = false;
         drop(d);
         self.wrote();
@@ -313,9 +325,15 @@ impl S4Fs {
         let d = open.data.lock().await;
         if let (Some(c), Some(loc), false) = (&d.content, d.base, d.dirty) {
             if !c.is_spilled() && c.len() <= SMALL_ENTRY as u64 {
-                if let Ok(bytes) = c.to_vec() {
-                    self.small_values.insert(loc, Value::Binary(bytes));
-                }
+                let value = match c.to_vec() {
+                    Ok(bytes) if d.binary => Value::Binary(bytes),
+                    Ok(bytes) => match String::from_utf8(bytes) {
+                        Ok(text) => Value::Text(text),
+                        Err(_) => return, // not what was stored: never cache it
+                    },
+                    Err(_) => return,
+                };
+                self.small_values.insert(loc, value);
             }
         }
     }
@@ -484,9 +502,10 @@ impl S4Fs {
     /// The value of `key` at `loc`, fetched together with the small entries
     /// near it in the same data file that belong to other keys of its
     /// directory (within and at most [`NEIGHBOUR_BYTES`], in as few range GETs
-    /// as their gaps allow), which go to the small-value cache. `None` when that read fails: the caller
+    /// as their gaps allow), which go to the small-value cache with their
+    /// sizes. `None` when that read fails: the caller
     /// reads the value alone and reports its error.
-    async fn fetch_with_neighbours(&self, key: &str, loc: Location) -> Option<Value> {
+    pub(super) async fn fetch_with_neighbours(&self, key: &str, loc: Location) -> Option<Value> {
         let dir = key.rfind('/').map_or("", |i| &key[..=i]);
         let mut wanted = vec![(key.to_string(), loc)];
         self.db.read_index(|idx| {
@@ -495,7 +514,8 @@ impl S4Fs {
                 .take_while(|(k, _)| k.starts_with(dir))
                 .take(NEIGHBOUR_SCAN)
             {
-                let near = l.offset != loc.offset && l.offset.abs_diff(loc.offset) < NEIGHBOUR_BYTES;
+                let near =
+                    l.offset != loc.offset && l.offset.abs_diff(loc.offset) < NEIGHBOUR_BYTES;
                 if l.file_id == loc.file_id && near && l.length <= SMALL_ENTRY {
                     bytes += l.length as u64;
                     if bytes > NEIGHBOUR_BYTES {
@@ -505,10 +525,19 @@ impl S4Fs {
                 }
             }
         });
-        let mut values = self.db.get_at_many(loc.file_id, &wanted).await.ok()?.into_iter();
+        let mut values = self
+            .db
+            .get_at_many(loc.file_id, &wanted)
+            .await
+            .ok()?
+            .into_iter();
         let own = values.next()?.ok()?;
         for ((_, l), v) in wanted.iter().skip(1).zip(values) {
             if let Ok(v) = v {
+                if self.meta.get(*l).is_none() {
+                    let (len, mtime) = (v.len() as u64, SystemTime::now());
+                    self.meta.insert(*l, ValueMeta { len, mtime });
+                }
                 self.small_values.insert(*l, v);
             }
         }

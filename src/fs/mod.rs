@@ -116,6 +116,9 @@ struct FileData {
     /// Where the value was when the file was opened: what a later first
     /// read loads, even if the name was replaced meanwhile.
     open_loc: Option<Location>,
+    /// How the value at `base` is stored: bytes or text to the Python
+    /// package. A clean value put back elsewhere (cached, renamed) keeps it.
+    binary: bool,
     /// Changed since the last put.
     dirty: bool,
     /// Unlinked or replaced while open: later writes go nowhere.
@@ -270,8 +273,13 @@ impl S4Fs {
         let m = *cell
             .get_or_try_init(|| async {
                 let len = if loc.length <= SMALL_ENTRY {
-                    // One GET of the whole entry; the read that follows uses it.
-                    let value = self.db.get_at(key, loc).await?;
+                    // One GET of the whole entry, and of its directory's
+                    // neighbours (an `ls -l` stats them next); the reads that
+                    // follow use the values.
+                    let value = match self.fetch_with_neighbours(key, loc).await {
+                        Some(v) => v,
+                        None => self.db.get_at(key, loc).await?,
+                    };
                     let len = value.len() as u64;
                     self.small_values.insert(loc, value);
                     len
