@@ -4,16 +4,17 @@
 # network latency (scripts/latency_proxy.py) so that each tool's request pattern costs what
 # it would against real S3, and that counts every request each tool sends.
 #
-#   scripts/bench_peers.sh [--n N] [--n-create N] [--runs R] [--rtt-ms MS[,MS...]] [--cap S] [--quick]
+#   scripts/bench_peers.sh [--n N] [--n-rename K] [--n-create N] [--runs R] [--rtt-ms MS[,MS...]] [--cap S] [--quick]
 #
-#   --n N        small files in the create/ls/read/rm workloads, and files renamed (default 1000)
+#   --n N        small files in the create/ls/read/rm workloads (default 500)
+#   --n-rename K files renamed one by one (default 1000)
 #   --n-create N files of the large create workload, run in the last RTT pass only, where
 #                the peers are capped at CREATE_CAP_RATIO × s4db's time (default 10000)
 #   --runs R     runs per tool; times are medians (default 3)
 #   --rtt-ms L   added round-trip time, comma-separated for several passes (default 20);
 #                0 = straight to moto, no proxy, so no request counts (s4db's own stats stay)
-#   --cap S      a peer's workload still running after max(S, 2 × s4db's time for it)
-#                seconds is stopped and shown as "> X s" (default 15)
+#   --cap S      a peer's workload still running after max(S, 1.5 × s4db's time for it)
+#                seconds is stopped and shown as "> X s" (default 8)
 #   --quick      smoke test: N=20, one run, 4 MiB fio file
 #
 # A fourth column, "local disk", runs the workloads that mean something on a local ext4
@@ -25,7 +26,7 @@
 #
 # Installs s3fs, rclone, fio and bc with apt-get when missing; needs .venv-test/py10
 # (moto_server; `scripts/test.sh --setup-only` makes it). Builds the release binaries, or
-# uses S4DB_BENCH_BIN=DIR. A default run takes about 8 minutes on 2 cores.
+# uses S4DB_BENCH_BIN=DIR. A default run (0 and 20 ms) takes about 9 minutes on 2 cores.
 #
 # Fairness rules:
 # - Every tool mounts with its defaults plus what it needs to work here: rclone gets
@@ -52,18 +53,20 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
 
-N=1000
+N=500
+K=1000
 NC=10000
 RUNS=3
 RTTS=20
-CAP_S=15
-CAP_RATIO=2
+CAP_S=8
+CAP_RATIO=1.5
 S4DB_CAP_S=300 # a hang guard, not a limit: s4db's times set the peers' caps
 QUICK=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
   --n) N=$2; shift 2 ;;
   --n-create) NC=$2; shift 2 ;;
+  --n-rename) K=$2; shift 2 ;;
   --runs) RUNS=$2; shift 2 ;;
   --rtt-ms) RTTS=$2; shift 2 ;;
   --cap) CAP_S=$2; shift 2 ;;
@@ -74,12 +77,11 @@ while [[ $# -gt 0 ]]; do
 done
 BIG_MIB=64
 if [[ $QUICK -eq 1 ]]; then
-  N=20 NC=50 RUNS=1 BIG_MIB=4
+  N=20 K=20 NC=50 RUNS=1 BIG_MIB=4
 fi
-REPEAT_UNDER_S=5
-K=$N                             # files renamed
+REPEAT_UNDER_S=2
 KA=$((N < 100 ? N : 100))        # files appended to
-CREATE_CAP_RATIO=25 # the large create's cap: a lower bound on the ratio the target asks for
+CREATE_CAP_RATIO=21 # the large create's cap: a lower bound on the ratio the target asks for
 TOOLS=(s4db s3fs rclone local)
 
 # ---- tools (the apt_install pattern of scripts/test.sh)
@@ -594,8 +596,8 @@ wants() { # wants WID: is WID measured in this run?
   [[ $RUN -eq 1 ]] && return 0
   [[ -z "${ONCE[$TOOL $1]:-}" ]] || return 1
   # A warm read is only warm after the cold read in the same mount.
-  [[ $TOOL == local || $1 != warm ]] || wants cold
-  [[ $TOOL == local || $1 != read_warm ]] || wants fio_r
+  [[ $TOOL == local || $1 != warm ]] || wants cold || return 1
+  [[ $TOOL == local || $1 != read_warm ]] || wants fio_r || return 1
 }
 timed() { # timed WID COMMAND [SPEC...]: runs COMMAND in the mount (plus the publish step
   # and the check when SPECs are given), records time, status and the requests it sent
