@@ -197,6 +197,7 @@ pub async fn run(cli: Cli) -> Result<Outcome> {
     if let Some(max) = g.max_file_size {
         opts.max_file_size = max;
     }
+    let store = Arc::new(crate::remote::CoalescingStore::new(store));
     let db = S4db::open(store, &target.prefix, opts).await?;
     let upload = !g.no_upload;
     let mut stdout = std::io::stdout().lock();

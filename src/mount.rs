@@ -550,7 +550,9 @@ async fn open_fs(
         max_file_size: args.max_file_size.unwrap_or(DEFAULT_MAX_FILE_SIZE),
         ..OpenOptions::default()
     };
-    let db = S4db::open(store.clone(), &target.prefix, opts)
+    // Merging sits above metering: the stats count requests actually sent.
+    let merged = Arc::new(crate::remote::CoalescingStore::new(store.clone()));
+    let db = S4db::open(merged, &target.prefix, opts)
         .await
         .map_err(|e| fail(&e))?;
     // SAFETY: geteuid/getegid cannot fail.

@@ -5,6 +5,7 @@
 //! is data ("the database is empty"), a conflict means "another writer won,
 //! rebase", anything else is an I/O failure worth reporting with the key.
 
+pub mod coalesce;
 #[cfg(test)]
 mod contract;
 pub mod fault;
@@ -17,6 +18,7 @@ use bytes::Bytes;
 use std::path::Path;
 use std::time::SystemTime;
 
+pub use coalesce::{CoalesceLimits, CoalescingStore};
 pub use fault::{Fault, FaultStore, Op};
 pub use local::LocalStore;
 pub use metered::{MeteredStore, RequestCounts};
@@ -58,7 +60,8 @@ pub struct ListPage {
 }
 
 /// Failures of an object store, by what the caller should do about them.
-#[derive(Debug, thiserror::Error)]
+/// Cloneable, so one failed request can answer each caller it served.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("object {key} does not exist")]
     NotFound { key: String },
