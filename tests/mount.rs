@@ -1799,9 +1799,10 @@ fn cold_reads_cost_at_most_one_range_get_per_file_and_rereads_none() {
 
 /// `mv` of cold files one at a time, as a shell loop does: the first rename
 /// reads its directory's neighbours in the same data file along with its own
-/// value, so the rest cost no request, and every value arrives intact.
+/// value, so the rest cost no request, and every value arrives intact. The
+/// same for `>>` to cold files.
 #[test]
-fn renaming_cold_files_one_by_one_reads_their_data_file_once() {
+fn renaming_or_appending_to_cold_files_one_by_one_reads_their_data_file_once() {
     let db = Db::new();
     let values: BTreeMap<String, Vec<u8>> = (0..200)
         .map(|i| {
@@ -1827,6 +1828,21 @@ fn renaming_cold_files_one_by_one_reads_their_data_file_once() {
     m.control("upload").ok();
     db.assert_python_sees(&moved);
     m.unmount();
+
+    // Appends to cold files the mount wrote (sizes known from hints, values
+    // not local on a new machine): the first fetches its neighbours too.
+    let fresh = Mount::on(&db).start();
+    fresh
+        .sh("for i in $(seq 0 199); do echo more >> d/g$i; done")
+        .ok();
+    let stats = fresh.stats();
+    assert_eq!(stats["s3_requests"]["get_range"], 1, "{stats}");
+    let appended: BTreeMap<String, Vec<u8>> = moved
+        .iter()
+        .map(|(k, v)| (k.clone(), [&v[..], b"more\n"].concat()))
+        .collect();
+    assert_eq!(fresh.tree(), appended);
+    fresh.unmount();
 }
 
 /// 64 `cat`s at once of values only S3 has: the session hands each read to

@@ -131,12 +131,16 @@ impl S4Fs {
     }
 
     /// Loads the value into `d` if no read or write has needed it yet.
-    /// Returns whether it was already there (a cache hit).
+    /// Returns whether it was already there (a cache hit). For a write (an
+    /// append or a partial overwrite of a cold small file, as a loop over a
+    /// directory does), the neighbours come along as for a rename; a read
+    /// stays exactly one range GET.
     pub(super) async fn ensure_loaded(
         &self,
         ino: u64,
         path: &str,
         d: &mut FileData,
+        for_write: bool,
     ) -> FsResult<bool> {
         if d.content.is_some() {
             return Ok(true);
@@ -164,7 +168,15 @@ impl S4Fs {
                     Content::from_spill_file(file, len, spill)
                 }
                 None => {
-                    let v = match self.db.get_at(path, loc).await {
+                    let near = match for_write && loc.length <= SMALL_ENTRY {
+                        true => self.fetch_with_neighbours(path, loc).await,
+                        false => None,
+                    };
+                    let got = match near {
+                        Some(v) => Ok(v),
+                        None => self.db.get_at(path, loc).await,
+                    };
+                    let v = match got {
                         // Another writer's compaction removed that version's
                         // file: read what the name holds now.
                         Err(crate::Error::Store(crate::remote::StoreError::NotFound {
@@ -199,7 +211,7 @@ impl S4Fs {
             Handle::File { ino, open, .. } => {
                 let (path, _) = self.node(*ino)?;
                 let mut d = open.data.lock().await;
-                if self.ensure_loaded(*ino, &path, &mut d).await? {
+                if self.ensure_loaded(*ino, &path, &mut d, false).await? {
                     self.cache_hits.fetch_add(1, Ordering::Relaxed);
                 }
                 let content = d.content.as_ref().expect("loaded");
@@ -230,7 +242,7 @@ impl S4Fs {
                 self.check_writable()?;
                 let (path, _) = self.node(*ino)?;
                 let mut d = open.data.lock().await;
-                self.ensure_loaded(*ino, &path, &mut d).await?;
+                self.ensure_loaded(*ino, &path, &mut d, true).await?;
                 let content = d.content.as_mut().expect("loaded");
                 let offset = if *append { content.len() } else { offset };
                 let end = offset + data.len() as u64;
@@ -391,7 +403,7 @@ impl S4Fs {
             if size == 0 {
                 d.content = Some(Content::empty(&self.cfg.spill_dir));
             } else {
-                self.ensure_loaded(ino, path, &mut d).await?;
+                self.ensure_loaded(ino, path, &mut d, true).await?;
             }
             d.content.as_mut().expect("loaded").truncate(size)?;
             d.dirty = true;
