@@ -333,6 +333,40 @@ pub fn decode_entry(file: &str, offset: u64, data: &[u8]) -> Result<Entry, Forma
     })
 }
 
+/// The live value of `key` in the entry occupying all of `data`, or `None`
+/// when anything is off: a tombstone, another key, a bad CRC or frame, a
+/// failed decompression ([`decode_entry`] then says what). The hot path of a
+/// get: the key is compared in place and the value copied once.
+pub fn decode_value_of(key: &str, data: &[u8]) -> Option<Value> {
+    let (flags, key_len, _, total) = entry_frame(data)?;
+    if total != data.len() as u64
+        || flags & !KNOWN_FLAGS != 0
+        || flags & FLAG_TOMBSTONE != 0
+        || key_len as usize != key.len()
+        || key.len() > MAX_KEY_BYTES
+    {
+        return None;
+    }
+    let key_end = 9 + key.len();
+    let body_end = data.len() - 4;
+    if &data[9..key_end] != key.as_bytes()
+        || be_u32(&data[body_end..]) != crc32fast::hash(&data[..body_end])
+    {
+        return None;
+    }
+    let stored = &data[key_end..body_end];
+    let raw = if flags & FLAG_RAW != 0 {
+        stored.to_vec()
+    } else {
+        snap::raw::Decoder::new().decompress_vec(stored).ok()?
+    };
+    if flags & FLAG_BINARY != 0 {
+        Some(Value::Binary(raw))
+    } else {
+        String::from_utf8(raw).ok().map(Value::Text)
+    }
+}
+
 /// Bytes of an entry's head that [`entry_value_len`] needs: the fixed
 /// fields, the key, and Snappy's length preamble (a varint of at most 5 bytes).
 pub fn entry_head_len(key_len: usize) -> u64 {
@@ -708,6 +742,27 @@ mod tests {
             let head = &buf[..buf.len().min(entry_head_len(key.len()) as usize)];
             let expected = value.as_ref().map_or(0, |v| v.len() as u64);
             prop_assert_eq!(entry_value_len("f", 0, head).unwrap(), expected);
+        }
+
+        #[test]
+        fn the_fast_decoder_agrees_with_decode_entry(
+            key in ".{0,30}",
+            asked in ".{0,30}",
+            value in value_strategy(),
+            flip in proptest::option::of((any::<usize>(), 1u8..=255)),
+        ) {
+            let mut buf = Vec::new();
+            encode_entry(&mut buf, &key, value.as_ref());
+            if let Some((pos, xor)) = flip {
+                let n = buf.len();
+                buf[pos % n] ^= xor;
+            }
+            let asked = if asked.is_empty() { key.clone() } else { asked };
+            let expected = match decode_entry("f", 0, &buf) {
+                Ok(Entry { key: k, value: Some(v) }) if k == asked => Some(v),
+                _ => None,
+            };
+            prop_assert_eq!(decode_value_of(&asked, &buf), expected);
         }
 
         #[test]

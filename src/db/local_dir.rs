@@ -5,10 +5,17 @@
 //! The pending list (`s4db-pending`) is one file name per line, appended before
 //! a new data file is created and rewritten after each commit, so it costs one
 //! small write per data file, never per put.
+//!
+//! Sealed data files (every file but the one this process is appending to)
+//! never change: nothing writes, extends or truncates them (recovery and a
+//! failed append cut only the growing file's torn tail, and downloads are
+//! installed by rename), so they are read through shared read-only mappings:
+//! a local get costs no syscall. Removing or replacing a file drops its
+//! mapping here; a reader still holding it keeps the old inode alive.
 
 use crate::error::{Error, Result};
 use crate::format::data_file_name;
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -25,8 +32,74 @@ pub(crate) struct LocalDir {
     _lock: File,
     /// Set when we created a temporary directory; removed when dropped.
     _temp: Option<tempfile::TempDir>,
-    /// Read handles, opened once per data file.
-    handles: Mutex<HashMap<u64, Arc<File>>>,
+    /// Read handles, opened once per data file (a BTreeMap: few files, and
+    /// no hashing on the read path).
+    handles: Mutex<BTreeMap<u64, Arc<File>>>,
+    /// Mappings of sealed data files, made on their first read.
+    maps: Mutex<BTreeMap<u64, Arc<Mapping>>>,
+}
+
+/// A shared read-only mapping of a whole sealed data file.
+#[derive(Debug)]
+struct Mapping {
+    ptr: *const u8,
+    len: usize,
+}
+
+// SAFETY: the memory is only ever read, and unmapped once, in `drop`.
+unsafe impl Send for Mapping {}
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps all of `file`; `None` when it is empty (nothing to map).
+    fn new(file: &File) -> std::io::Result<Option<Mapping>> {
+        let len = file.metadata()?.len();
+        let Ok(len) = usize::try_from(len) else {
+            return Ok(None);
+        };
+        if len == 0 {
+            return Ok(None);
+        }
+        // SAFETY: a fresh read-only mapping of a descriptor we own; the kernel
+        // picks the address. Sound to read as `&[u8]` because sealed files
+        // never change while mapped (see the module doc; the directory's
+        // exclusive lock keeps other processes out).
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Some(Mapping {
+            ptr: ptr as *const u8,
+            len,
+        }))
+    }
+
+    /// `len` bytes at `offset`, `None` past the end.
+    fn get(&self, offset: u64, len: u32) -> Option<&[u8]> {
+        let start = usize::try_from(offset).ok()?;
+        let end = start.checked_add(len as usize)?;
+        if end > self.len {
+            return None;
+        }
+        // SAFETY: in bounds of a live mapping (see `new`).
+        Some(unsafe { std::slice::from_raw_parts(self.ptr.add(start), end - start) })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: exactly the region `new` mapped; no borrow outlives `self`.
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+    }
 }
 
 impl LocalDir {
@@ -71,7 +144,8 @@ impl LocalDir {
             path,
             _lock: lock,
             _temp: temp,
-            handles: Mutex::new(HashMap::new()),
+            handles: Mutex::new(BTreeMap::new()),
+            maps: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -95,6 +169,50 @@ impl LocalDir {
             Ok(()) => Ok(Some(buf)),
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
             Err(e) => Err(Error::io("read", self.file_path(file_id), e)),
+        }
+    }
+
+    /// Runs `f` over `len` bytes at `offset` of a sealed local data file (one
+    /// no process appends to any more), read from its mapping; `None` when
+    /// the file is absent or too short. Falls back to `pread` when the file
+    /// cannot be mapped.
+    pub fn with_sealed<R>(
+        &self,
+        file_id: u64,
+        offset: u64,
+        len: u32,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<Option<R>> {
+        let cached = self.maps.lock().unwrap().get(&file_id).cloned();
+        let map = match cached {
+            Some(m) => Some(m),
+            None => self.map(file_id)?,
+        };
+        if let Some(bytes) = map.as_deref().and_then(|m| m.get(offset, len)) {
+            return Ok(Some(f(bytes)));
+        }
+        Ok(self.read_at(file_id, offset, len)?.map(|b| f(&b)))
+    }
+
+    /// Maps a sealed data file and caches the mapping; `None` when the file
+    /// is absent, empty or cannot be mapped.
+    fn map(&self, file_id: u64) -> Result<Option<Arc<Mapping>>> {
+        let Some(file) = self.handle(file_id)? else {
+            return Ok(None);
+        };
+        match Mapping::new(&file) {
+            Ok(Some(m)) => {
+                let mut maps = self.maps.lock().unwrap();
+                Ok(Some(maps.entry(file_id).or_insert(Arc::new(m)).clone()))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                tracing::debug!(
+                    "mmap {}: {e}; reading with pread",
+                    self.file_path(file_id).display()
+                );
+                Ok(None)
+            }
         }
     }
 
@@ -145,9 +263,11 @@ impl LocalDir {
         }
     }
 
-    /// Forgets a cached handle after the file was replaced or removed.
+    /// Forgets a cached handle and mapping after the file was replaced,
+    /// removed or cut.
     pub fn forget(&self, file_id: u64) {
         self.handles.lock().unwrap().remove(&file_id);
+        self.maps.lock().unwrap().remove(&file_id);
     }
 
     /// The size of a local data file, `None` when absent.

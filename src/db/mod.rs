@@ -143,6 +143,9 @@ struct Inner {
 /// Decodes the entry bytes found at `loc` (CRC first), checking that they are
 /// a live value of `key`: an index pointing at the wrong bytes is corruption.
 pub(crate) fn decode_live(key: &str, loc: Location, bytes: &[u8]) -> Result<Value> {
+    if let Some(value) = crate::format::decode_value_of(key, bytes) {
+        return Ok(value);
+    }
     let name = data_file_name(loc.file_id);
     let entry = decode_entry(&name, loc.offset, bytes)?;
     match entry.value {
@@ -160,6 +163,13 @@ pub(crate) fn decode_live(key: &str, loc: Location, bytes: &[u8]) -> Result<Valu
         )
         .into()),
     }
+}
+
+/// Whether data file `file_id` is sealed: not the file this process appends
+/// to, which grows and may be cut back after a failed write, so only sealed
+/// files are read through mappings.
+fn is_sealed(state: &State, file_id: u64) -> bool {
+    state.active.as_ref().is_none_or(|a| a.id != file_id)
 }
 
 /// An index object as GET returned it.
@@ -555,14 +565,14 @@ impl S4db {
     /// [`Error::Corrupt`] when the stored entry fails its CRC or does not hold
     /// this key; [`Error::Store`] when the range GET fails.
     pub async fn get(&self, key: &str) -> Result<Option<Value>> {
-        let (loc, local) = {
+        let (loc, local, sealed) = {
             let state = self.state();
             match state.index.entries.get(key) {
-                Some(loc) => (*loc, state.local.clone()),
+                Some(loc) => (*loc, state.local.clone(), is_sealed(&state, loc.file_id)),
                 None => return Ok(None),
             }
         };
-        match self.read_value(key, loc, local.as_deref()).await {
+        match self.read_value(key, loc, local.as_deref(), sealed).await {
             Ok(v) => Ok(Some(v)),
             Err(first) => {
                 // Another writer's compaction may have deleted the data file:
@@ -571,11 +581,16 @@ impl S4db {
                     self.refresh().await?;
                 }
                 // Our own compaction may have moved the key meanwhile, too.
-                let again = self.state().index.entries.get(key).copied();
+                let again = {
+                    let state = self.state();
+                    let loc = state.index.entries.get(key).copied();
+                    loc.map(|l| (l, is_sealed(&state, l.file_id)))
+                };
                 match again {
-                    Some(l) if l != loc => {
-                        self.read_value(key, l, local.as_deref()).await.map(Some)
-                    }
+                    Some((l, sealed)) if l != loc => self
+                        .read_value(key, l, local.as_deref(), sealed)
+                        .await
+                        .map(Some),
                     None => Ok(None),
                     Some(_) => Err(first),
                 }
@@ -586,8 +601,11 @@ impl S4db {
     /// The value `key` had at `loc` (an entry never changes, so a reader
     /// that looked the key up earlier still gets that version).
     pub async fn get_at(&self, key: &str, loc: Location) -> Result<Value> {
-        let local = self.state().local.clone();
-        self.read_value(key, loc, local.as_deref()).await
+        let (local, sealed) = {
+            let state = self.state();
+            (state.local.clone(), is_sealed(&state, loc.file_id))
+        };
+        self.read_value(key, loc, local.as_deref(), sealed).await
     }
 
     /// Writes the value of `key` at `loc` into `sink` from its start and
@@ -668,13 +686,25 @@ impl S4db {
         Ok(true)
     }
 
-    /// Reads and decodes the entry at `loc`, checking that it holds `key`.
+    /// Reads and decodes the entry at `loc`, checking that it holds `key`:
+    /// in place from the mapping when the local file is `sealed`.
     async fn read_value(
         &self,
         key: &str,
         loc: Location,
         local: Option<&LocalDir>,
+        sealed: bool,
     ) -> Result<Value> {
+        let mut local = local;
+        if let (Some(dir), true) = (local, sealed) {
+            let decoded = dir.with_sealed(loc.file_id, loc.offset, loc.length, |bytes| {
+                decode_live(key, loc, bytes)
+            })?;
+            if let Some(value) = decoded {
+                return value;
+            }
+            local = None; // absent or short here (it read with pread too): the store has it
+        }
         let bytes = self.read_entry_bytes(loc, local).await?;
         decode_live(key, loc, &bytes)
     }
@@ -782,14 +812,16 @@ impl S4db {
         mode: ScanMode,
         mut f: impl FnMut(String, Value) -> Result<()>,
     ) -> Result<()> {
-        let snapshot: Vec<(Key, Location)> = {
+        // A file sealed now stays sealed; the active one is read with pread.
+        let (snapshot, active): (Vec<(Key, Location)>, Option<u64>) = {
             let state = self.state();
-            state
+            let snapshot = state
                 .index
                 .entries
                 .iter()
                 .map(|(k, l)| (k.clone(), *l))
-                .collect()
+                .collect();
+            (snapshot, state.active.as_ref().map(|a| a.id))
         };
         let local = match mode {
             ScanMode::Local => {
@@ -807,7 +839,8 @@ impl S4db {
         let concurrency = self.inner.opts.concurrency.max(1);
         let mut reads = futures::stream::iter(snapshot.iter().map(|(k, l)| {
             let local = local.clone();
-            async move { self.read_value(k, *l, local.as_deref()).await }
+            let sealed = active != Some(l.file_id);
+            async move { self.read_value(k, *l, local.as_deref(), sealed).await }
         }))
         .buffered(concurrency);
         let mut keys = snapshot.iter();
