@@ -483,7 +483,7 @@ fn describe(id: &str, p: &Params) -> String {
             p.keys, p.value_bytes, p.batch
         ),
         "local_get" => format!(
-            "local get (pread), {} random keys of {}",
+            "local get (data file local), {} random keys of {}",
             p.local_gets, p.keys
         ),
         "remote_get" => format!(

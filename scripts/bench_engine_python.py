@@ -110,7 +110,7 @@ def describe(wid, p):
         "put_one_by_one": f"{p['put_keys']} puts of one {p['value_bytes']} B value",
         "put_batch": f"one put of {p['put_keys']} values of {p['value_bytes']} B",
         "bulk_load": f"bulk load: {p['keys']} keys of {p['value_bytes']} B in puts of {p['batch']}, then upload",
-        "local_get": f"local get (pread), {p['local_gets']} random keys of {p['keys']}",
+        "local_get": f"local get (data file local), {p['local_gets']} random keys of {p['keys']}",
         "remote_get": f"remote get (range GET), fresh open of {p['keys']} keys, {p['remote_gets']} random gets",
         "one_object_per_key": f"{p['naive_keys']} values of {p['naive_value_bytes']} B: s4db put+upload vs "
                               f"one S3 object per key (sequential, {p['naive_concurrency']} in flight)",

@@ -54,6 +54,14 @@ def fmt_s(v):
     return f"{v * 1000:.0f} ms" if v < 1 else f"{v:.2f} s" if v < 10 else f"{v:.1f} s"
 
 
+def drop_unmeasured_rows(md):
+    """A peers table without the rows of workloads this pass did not run."""
+    def unmeasured(line):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")][1:]
+        return line.startswith("| ") and cells and all(c in ("not run", "-") for c in cells)
+    return "\n".join(l for l in md.splitlines() if not unmeasured(l))
+
+
 def cost(kinds):
     return sum(PRICE_PER_1000.get(k, 0.0005) * n / 1000 for k, n in kinds.items())
 
@@ -272,7 +280,7 @@ def main():
     for rtt in sorted(peers, reverse=True):
         md = os.path.join(res, f"peers-{rtt}ms.md")
         if os.path.exists(md):
-            doc += [read(md).replace("### ", "### ", 1), ""]
+            doc += [drop_unmeasured_rows(read(md)), ""]
     for rtt in sorted(peers, reverse=True):
         if any("requests_by_kind" in peer_entry(peers[rtt], w, "s4db")
                for w in peers[rtt]["workloads"]):
