@@ -381,6 +381,9 @@ impl S4db {
                 });
             }
         }
+        if items.iter().all(|(_, v)| v.is_some()) {
+            return self.put_batch(items);
+        }
         // Compress outside the lock: that is where a put spends its CPU.
         let encoded: Vec<Option<Vec<u8>>> = items
             .iter()
@@ -431,6 +434,27 @@ impl S4db {
         Ok(slot_of.into_iter().map(|s| s.map(|i| placed[i])).collect())
     }
 
+    /// [`S4db::apply`] of puts only, the bulk-load case: every item is
+    /// placed, so the entries are encoded (and compressed) outside the lock
+    /// straight into the buffer that is written, with no per-entry buffer and
+    /// no tracking of which keys exist.
+    fn put_batch(&self, items: Vec<(String, Option<Value>)>) -> Result<Vec<Option<Location>>> {
+        let bytes: usize = items
+            .iter()
+            .map(|(k, v)| k.len() + v.as_ref().map_or(0, Value::len) + 16)
+            .sum();
+        let mut buf = Vec::with_capacity(bytes);
+        let mut spans = Vec::with_capacity(items.len());
+        for (key, value) in items {
+            let start = buf.len();
+            encode_entry(&mut buf, &key, value.as_ref());
+            spans.push((key, start, buf.len() - start, false));
+        }
+        let mut state = self.state();
+        let placed = self.append_locked(&mut state, &buf, spans)?;
+        Ok(placed.into_iter().map(Some).collect())
+    }
+
     /// Puts a value of `len` bytes read from `src`, streamed into the data
     /// file as one raw entry: memory stays bounded whatever the size (the
     /// filesystem uses this for files too large to hold). `binary` chooses
@@ -476,7 +500,7 @@ impl S4db {
             offset,
             length: entry_len as u32,
         };
-        state.record(key, Some(loc));
+        state.record(key.to_string(), Some(loc));
         Ok(loc)
     }
 
@@ -523,12 +547,13 @@ impl S4db {
             active.len = len;
         }
         let mut locations = Vec::with_capacity(placed.len());
-        for (file_id, offset, i) in placed {
-            let (key, _, n, tombstone) = &spans[i];
+        // `placed` follows the spans' order: each key moves into the journal.
+        for ((file_id, offset, i), (key, _, n, tombstone)) in placed.into_iter().zip(spans) {
+            debug_assert_eq!(i, locations.len());
             let loc = Location {
                 file_id,
                 offset,
-                length: *n as u32,
+                length: n as u32,
             };
             state.record(key, (!tombstone).then_some(loc));
             locations.push(loc);

@@ -61,7 +61,7 @@ pub(crate) fn replay_pending(state: &mut State, local: &LocalDir) -> Result<()> 
                 offset: entry.offset,
                 length: entry.length,
             });
-            state.record(&entry.key, change);
+            state.record(entry.key.clone(), change);
         }
         state.files.insert(
             file_id,

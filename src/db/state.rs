@@ -69,14 +69,15 @@ impl State {
     }
 
     /// Applies one logical write to the visible index and the journal.
-    pub fn record(&mut self, key: &str, change: Change) {
+    pub fn record(&mut self, key: String, change: Change) {
         if let Some(before) = self.before_upload.as_mut() {
-            if !self.journal.contains_key(key) && !before.contains_key(key) {
-                before.insert(key.to_string(), self.index.entries.get(key).copied());
+            if !self.journal.contains_key(&key) && !before.contains_key(&key) {
+                let was = self.index.entries.get(key.as_str()).copied();
+                before.insert(key.clone(), was);
             }
         }
-        apply(&mut self.index.entries, key, change);
-        self.journal.insert(key.to_string(), change);
+        apply(&mut self.index.entries, &key, change);
+        self.journal.insert(key, change);
     }
 
     pub fn has_unsynced(&self) -> bool {
@@ -189,10 +190,10 @@ mod tests {
         index.entries.insert("deleted".into(), loc(1));
         let mut state = State::new(index.clone(), None);
         state.before_upload = Some(HashMap::new());
-        state.record("overwritten", Some(loc(2)));
-        state.record("deleted", None);
-        state.record("new", Some(loc(2)));
-        state.record("new", Some(loc(3)));
+        state.record("overwritten".into(), Some(loc(2)));
+        state.record("deleted".into(), None);
+        state.record("new".into(), Some(loc(2)));
+        state.record("new".into(), Some(loc(3)));
         let image = Index::decode("i", &state.encode_committed_image()).unwrap();
         assert_eq!(image, index);
         assert_eq!(state.index.entries.len(), 3);
