@@ -12,7 +12,7 @@
 #               L > 0: through scripts/latency_proxy.py adding L ms per round trip, only the
 #               workloads that talk to S3 per key (remote_get, one_object_per_key); the
 #               others are local and would measure the same thing again. One object per
-#               key then writes 300 values, not 1000: sequential PUTs cost a round trip each
+#               key then writes 150 values, not 1000: sequential PUTs cost a round trip each
 #               (the 1000 of both sides would take 1.5 minutes at 20 ms).
 #   --keys N    database size of the bulk load and the reads (default 100000)
 #   --runs R    runs per workload, medians reported (default 3; a workload whose first
@@ -125,7 +125,7 @@ for RTT in ${RTTS//,/ }; do
     wait_port "$PROXY_PORT" "$PROXY_PID" || { log "latency proxy did not start"; exit 1; }
     EP="http://127.0.0.1:$PROXY_PORT"
     ONLY=(--only remote_get,one_object_per_key)
-    [[ $QUICK -eq 1 ]] || ONLY+=(--naive-keys 300)
+    [[ $QUICK -eq 1 ]] || ONLY+=(--naive-keys 150)
   fi
   start=$(date +%s)
   log "RTT $RTT ms: endpoint $EP"

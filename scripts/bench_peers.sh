@@ -14,7 +14,7 @@
 #   --rtt-ms L   added round-trip time, comma-separated for several passes (default 20);
 #                0 = straight to moto, no proxy, so no request counts (s4db's own stats stay)
 #   --cap S      a peer's workload still running after max(S, 1.5 × s4db's time for it)
-#                seconds is stopped and shown as "> X s" (default 8)
+#                seconds is stopped and shown as "> X s" (default 6)
 #   --quick      smoke test: N=20, one run, 4 MiB fio file
 #
 # A fourth column, "local disk", runs the workloads that mean something on a local ext4
@@ -58,7 +58,7 @@ K=1000
 NC=10000
 RUNS=3
 RTTS=20
-CAP_S=8
+CAP_S=6
 CAP_RATIO=1.5
 S4DB_CAP_S=300 # a hang guard, not a limit: s4db's times set the peers' caps
 QUICK=0
