@@ -19,6 +19,8 @@
 //! bytes they sent, which scripts/bench_micro.sh puts in its table.
 //! No timing is asserted anywhere.
 
+mod common;
+
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use s4db::remote::{
     GetResult, ListPage, LocalStore, ObjectMeta, ObjectStore, PutCondition, S3Config, S3Store,
@@ -77,18 +79,9 @@ fn key(i: usize) -> String {
     format!("key-{i:08}")
 }
 
-/// Incompressible bytes (xorshift), so Snappy stores them raw.
+/// Incompressible bytes, so Snappy stores them raw.
 fn value(len: usize, seed: u64) -> Value {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    Value::Binary(out)
+    Value::Binary(common::random_bytes(len, seed))
 }
 
 fn runtime() -> &'static Runtime {

@@ -55,6 +55,9 @@
 //!
 //! No timing is asserted anywhere.
 
+mod common;
+
+use common::random_bytes;
 use futures::StreamExt;
 use s4db::remote::{MeteredStore, ObjectStore, S3Config, S3Store};
 use s4db::{OpenOptions, S4db, Value};
@@ -183,20 +186,6 @@ fn parse_args() -> Args {
 
 fn key(i: usize) -> String {
     format!("key-{i:08}")
-}
-
-/// Incompressible bytes (xorshift64), different for every seed.
-fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 /// `n` uniformly random indices below `below` (seeded: the same every time).

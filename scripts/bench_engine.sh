@@ -32,6 +32,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
+source "$ROOT/scripts/lib.sh" # stop_pids
 
 QUICK=0
 RTTS=0,20
@@ -83,13 +84,7 @@ WORK=$(mktemp -d /tmp/s4db-bench-engine.XXXXXX)
 PIDS=()
 cleanup() {
   set +e
-  local i pid
-  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
-    pid=${PIDS[i]}
-    kill "$pid" 2>/dev/null
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null
-  done
+  stop_pids "${PIDS[@]}"
   rm -rf "$WORK"
 }
 trap cleanup EXIT

@@ -116,15 +116,7 @@ cleanup() {
   if [[ -n "$MNT" ]] && grep -q " $MNT " /proc/self/mountinfo; then
     fusermount3 -uz "$MNT" 2>/dev/null
   fi
-  # Newest first: a mount daemon, then the proxy, then moto, each still reachable by the
-  # one before while it stops.
-  local i pid
-  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
-    pid=${PIDS[i]}
-    kill "$pid" 2>/dev/null
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null
-  done
+  stop_pids "${PIDS[@]}" # a mount daemon, then the proxy, then moto
   if [[ -d "$WORK" ]]; then # the daemons' logs, for a post-mortem
     mkdir -p "$OUT/peers-logs"
     cp "$WORK"/*.log "$OUT/peers-logs/" 2>/dev/null

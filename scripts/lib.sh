@@ -54,3 +54,16 @@ start_moto() {
   done
   "$PY" -c "import boto3; boto3.client('s3', endpoint_url='$ENDPOINT').create_bucket(Bucket='bench')"
 }
+
+# stop_pids PID...: stops each process newest (last) first, so a daemon goes before the
+# proxy and the server it still talks to while it stops: SIGTERM, up to 5 s, then SIGKILL.
+stop_pids() {
+  local i pid args=("$@")
+  for ((i = ${#args[@]} - 1; i >= 0; i--)); do
+    pid=${args[i]}
+    kill "$pid" 2>/dev/null
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null
+  done
+  return 0
+}
