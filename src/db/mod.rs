@@ -6,6 +6,7 @@
 //! (upload, download, compact, rebuild, gc) is serialized by an async mutex of
 //! its own and never blocks writers across network I/O.
 
+pub mod attrs;
 mod commit;
 mod hints;
 mod local_dir;
@@ -369,6 +370,16 @@ impl S4db {
     {
         let items: Vec<(String, Option<Value>)> =
             items.into_iter().map(|(k, v)| (k.into(), v)).collect();
+        self.apply_with(items, |_, _| {})
+    }
+
+    /// [`S4db::apply`], then `after` with the placements while the state is
+    /// still locked: attribute changes of the batch land in the same instant.
+    pub(crate) fn apply_with(
+        &self,
+        items: Vec<(String, Option<Value>)>,
+        after: impl FnOnce(&mut State, &[Option<Location>]),
+    ) -> Result<Vec<Option<Location>>> {
         for (key, value) in &items {
             validate_key(key)?;
             // Stored values are never longer than the raw bytes (FLAG_RAW), so
@@ -381,8 +392,8 @@ impl S4db {
                 });
             }
         }
-        if items.iter().all(|(_, v)| v.is_some()) {
-            return self.put_batch(items);
+        if !items.is_empty() && items.iter().all(|(_, v)| v.is_some()) {
+            return self.put_batch(items, after);
         }
         // Compress outside the lock: that is where a put spends its CPU.
         let encoded: Vec<Option<Vec<u8>>> = items
@@ -427,18 +438,25 @@ impl S4db {
             slot_of.push(Some(spans.len()));
             spans.push((key, start, buf.len() - start, tombstone));
         }
-        if spans.is_empty() {
-            return Ok(slot_of.iter().map(|_| None).collect());
-        }
-        let placed = self.append_locked(&mut state, &buf, spans)?;
-        Ok(slot_of.into_iter().map(|s| s.map(|i| placed[i])).collect())
+        let placed = match spans.is_empty() {
+            true => Vec::new(),
+            false => self.append_locked(&mut state, &buf, spans)?,
+        };
+        let placed: Vec<Option<Location>> =
+            slot_of.into_iter().map(|s| s.map(|i| placed[i])).collect();
+        after(&mut state, &placed);
+        Ok(placed)
     }
 
     /// [`S4db::apply`] of puts only, the bulk-load case: every item is
     /// placed, so the entries are encoded (and compressed) outside the lock
     /// straight into the buffer that is written, with no per-entry buffer and
     /// no tracking of which keys exist.
-    fn put_batch(&self, items: Vec<(String, Option<Value>)>) -> Result<Vec<Option<Location>>> {
+    fn put_batch(
+        &self,
+        items: Vec<(String, Option<Value>)>,
+        after: impl FnOnce(&mut State, &[Option<Location>]),
+    ) -> Result<Vec<Option<Location>>> {
         let bytes: usize = items
             .iter()
             .map(|(k, v)| k.len() + v.as_ref().map_or(0, Value::len) + 16)
@@ -452,7 +470,9 @@ impl S4db {
         }
         let mut state = self.state();
         let placed = self.append_locked(&mut state, &buf, spans)?;
-        Ok(placed.into_iter().map(Some).collect())
+        let placed: Vec<Option<Location>> = placed.into_iter().map(Some).collect();
+        after(&mut state, &placed);
+        Ok(placed)
     }
 
     /// Puts a value of `len` bytes read from `src`, streamed into the data
@@ -465,6 +485,7 @@ impl S4db {
         src: &mut impl std::io::Read,
         len: u64,
         binary: bool,
+        attrs: Option<attrs::Attrs>,
     ) -> Result<Location> {
         validate_key(key)?;
         let entry_len = len + key.len() as u64 + crate::format::ENTRY_OVERHEAD;
@@ -501,6 +522,9 @@ impl S4db {
             length: entry_len as u32,
         };
         state.record(key.to_string(), Some(loc));
+        if let Some(a) = attrs {
+            attrs::set_record(&mut state, key, loc, a);
+        }
         Ok(loc)
     }
 

@@ -7,6 +7,7 @@
 //! `before_upload` remembers the committed-image value of each key the journal
 //! overwrote, so the upload can serialize exactly what it published.
 
+use super::attrs::{AttrChange, AttrKey, AttrRecord, AttrTable};
 use super::local_dir::LocalDir;
 use crate::format::{Index, Key, Location};
 use std::collections::{BTreeMap, HashMap};
@@ -50,6 +51,16 @@ pub(crate) struct State {
     pub seq: u32,
     pub active: Option<ActiveFile>,
     pub files: BTreeMap<u64, OwnFile>,
+    /// Attribute records as readers see them: committed + inflight + journal,
+    /// layered like the index.
+    pub attrs: AttrTable,
+    /// ETag of the attribute object the committed layer came from.
+    pub attrs_etag: Option<String>,
+    pub attr_journal: HashMap<AttrKey, AttrChange>,
+    pub attr_inflight: HashMap<AttrKey, AttrChange>,
+    /// During an upload: the committed-image value of attribute records the
+    /// journal changed.
+    pub attr_before_upload: Option<HashMap<AttrKey, AttrChange>>,
 }
 
 impl State {
@@ -65,6 +76,11 @@ impl State {
             seq: 0,
             active: None,
             files: BTreeMap::new(),
+            attrs: AttrTable::default(),
+            attrs_etag: None,
+            attr_journal: HashMap::new(),
+            attr_inflight: HashMap::new(),
+            attr_before_upload: None,
         }
     }
 
@@ -76,13 +92,45 @@ impl State {
                 before.insert(key.clone(), was);
             }
         }
+        let old = self.index.entries.get(key.as_str()).copied();
         apply(&mut self.index.entries, &key, change);
+        // The key's attributes follow it to its new entry (our own writers
+        // keep them, with the content times of the write); a delete drops them.
+        let carried = match (old, change) {
+            (Some(old), Some(new)) => self.attrs.file_at(&key, old).map(|a| {
+                let mut a = (**a).clone();
+                let now = std::time::SystemTime::now();
+                (a.mtime, a.ctime) = (now, now);
+                Some(AttrRecord {
+                    loc: new,
+                    attrs: Arc::new(a),
+                })
+            }),
+            (Some(_), None) => Some(None),
+            _ => None,
+        };
+        if let Some(rec) = carried {
+            self.record_attr(AttrKey::File(key.clone()), AttrChange::File(rec));
+        }
         self.journal.insert(key, change);
+    }
+
+    /// Applies one attribute change to the visible table and its journal.
+    pub fn record_attr(&mut self, k: AttrKey, change: AttrChange) {
+        if let Some(before) = self.attr_before_upload.as_mut() {
+            if !self.attr_journal.contains_key(&k) && !before.contains_key(&k) {
+                before.insert(k.clone(), self.attrs.get(&k));
+            }
+        }
+        self.attrs.apply(&k, &change);
+        self.attr_journal.insert(k, change);
     }
 
     pub fn has_unsynced(&self) -> bool {
         !self.journal.is_empty()
             || !self.inflight.is_empty()
+            || !self.attr_journal.is_empty()
+            || !self.attr_inflight.is_empty()
             || self.index_rewritten
             || self.files.values().any(|f| !f.published)
     }

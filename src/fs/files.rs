@@ -271,7 +271,7 @@ impl S4Fs {
             let binary = !content.is_utf8()?;
             let loc = self
                 .db
-                .put_from_reader(&path, &mut content.reader(), len, binary)?;
+                .put_from_reader(&path, &mut content.reader(), len, binary, None)?;
             (loc, binary)
         } else {
             let value = Value::from_bytes_guess(content.to_vec()?);
