@@ -4,12 +4,12 @@
 //! there, so the session thread keeps reading requests: 64 parallel `cat`s of
 //! remote keys overlap instead of queueing behind each other.
 
-use crate::fs::inodes::NodeKind;
-use crate::fs::{Attr, FsError, FsResult, S4Fs};
+use crate::fs::attrs::{Caller, SetAttr, SetTime, XattrMode};
+use crate::fs::{Attr, FileKind, FsError, FsResult, S4Fs};
 use fuser::{
     consts, FileAttr, FileType, Filesystem, KernelConfig, ReplyAttr, ReplyCreate, ReplyData,
     ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    Request, TimeOrNow,
+    ReplyXattr, Request, TimeOrNow,
 };
 use std::ffi::{OsStr, OsString};
 use std::future::Future;
@@ -56,27 +56,60 @@ impl FuseAdapter {
     }
 }
 
+fn file_type(kind: FileKind) -> FileType {
+    match kind {
+        FileKind::Regular => FileType::RegularFile,
+        FileKind::Dir => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+        FileKind::CharDevice => FileType::CharDevice,
+        FileKind::BlockDevice => FileType::BlockDevice,
+    }
+}
+
 fn file_attr(a: &Attr) -> FileAttr {
-    let (kind, nlink) = match a.kind {
-        NodeKind::File => (FileType::RegularFile, 1),
-        NodeKind::Dir => (FileType::Directory, 2),
-    };
     FileAttr {
         ino: a.ino,
         size: a.size,
         blocks: a.size.div_ceil(512),
-        atime: a.mtime,
+        atime: a.atime,
         mtime: a.mtime,
-        ctime: a.mtime,
-        crtime: a.mtime,
-        kind,
+        ctime: a.ctime,
+        crtime: a.ctime,
+        kind: file_type(a.kind),
         perm: a.perm,
-        nlink,
+        nlink: a.nlink,
         uid: a.uid,
         gid: a.gid,
-        rdev: 0,
+        rdev: a.rdev,
         blksize: 4096,
         flags: 0,
+    }
+}
+
+fn caller(req: &Request<'_>) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+fn set_time(t: TimeOrNow) -> SetTime {
+    match t {
+        TimeOrNow::SpecificTime(t) => SetTime::At(t),
+        TimeOrNow::Now => SetTime::Now,
+    }
+}
+
+/// Replies to getxattr/listxattr: the size when asked for it (`size` 0),
+/// ERANGE when the caller's buffer is too small.
+fn reply_xattr(reply: ReplyXattr, size: u32, r: FsResult<Vec<u8>>) {
+    match r {
+        Ok(v) if size == 0 => reply.size(v.len() as u32),
+        Ok(v) if v.len() > size as usize => reply.error(libc::ERANGE),
+        Ok(v) => reply.data(&v),
+        Err(e) => reply.error(errno(&e)),
     }
 }
 
@@ -122,12 +155,6 @@ fn open_flags(keep_cache: bool, direct_io: bool) -> u32 {
     flags
 }
 
-fn system_time(t: TimeOrNow) -> SystemTime {
-    match t {
-        TimeOrNow::SpecificTime(t) => t,
-        TimeOrNow::Now => SystemTime::now(),
-    }
-}
 
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request<'_>, config: &mut KernelConfig) -> Result<(), i32> {
@@ -163,13 +190,13 @@ impl Filesystem for FuseAdapter {
         &mut self,
         _req: &Request<'_>,
         ino: u64,
-        _mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
         size: Option<u64>,
-        _atime: Option<TimeOrNow>,
+        atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
-        _ctime: Option<SystemTime>,
+        ctime: Option<SystemTime>,
         _fh: Option<u64>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
@@ -177,20 +204,28 @@ impl Filesystem for FuseAdapter {
         _flags: Option<u32>,
         reply: ReplyAttr,
     ) {
-        let mtime = mtime.map(system_time);
-        self.spawn(move |fs| async move { reply_attr(reply, fs.setattr(ino, size, mtime).await) });
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: atime.map(set_time),
+            mtime: mtime.map(set_time),
+            ctime,
+        };
+        self.spawn(move |fs| async move { reply_attr(reply, fs.setattr(ino, set).await) });
     }
 
     fn mkdir(
         &mut self,
-        _req: &Request<'_>,
+        req: &Request<'_>,
         parent: u64,
         name: &OsStr,
-        _mode: u32,
+        mode: u32,
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        reply_entry(reply, self.fs.mkdir(parent, name));
+        reply_entry(reply, self.fs.mkdir(parent, name, mode, caller(req)));
     }
 
     fn unlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
@@ -203,37 +238,117 @@ impl Filesystem for FuseAdapter {
 
     fn symlink(
         &mut self,
-        _req: &Request<'_>,
-        _parent: u64,
-        _link_name: &OsStr,
-        _target: &std::path::Path,
+        req: &Request<'_>,
+        parent: u64,
+        link_name: &OsStr,
+        target: &std::path::Path,
         reply: ReplyEntry,
     ) {
-        reply.error(FsError::NotPermitted("symlinks cannot be keys").to_errno());
+        let (name, target) = (link_name.to_os_string(), target.to_path_buf());
+        let who = caller(req);
+        self.spawn(move |fs| async move {
+            reply_entry(reply, fs.symlink(parent, &name, &target, who).await)
+        });
+    }
+
+    fn readlink(&mut self, _req: &Request<'_>, ino: u64, reply: ReplyData) {
+        self.spawn(move |fs| async move {
+            match fs.readlink(ino).await {
+                Ok(target) => reply.data(&target),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
     }
 
     fn link(
         &mut self,
         _req: &Request<'_>,
-        _ino: u64,
-        _newparent: u64,
-        _newname: &OsStr,
+        ino: u64,
+        newparent: u64,
+        newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        reply.error(FsError::NotPermitted("hard links cannot be keys").to_errno());
+        let name = newname.to_os_string();
+        self.spawn(move |fs| async move {
+            reply_entry(reply, fs.link(ino, newparent, &name).await)
+        });
     }
 
     fn mknod(
         &mut self,
-        _req: &Request<'_>,
-        _parent: u64,
-        _name: &OsStr,
-        _mode: u32,
+        req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
         _umask: u32,
-        _rdev: u32,
+        rdev: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(FsError::NotPermitted("only regular files and directories").to_errno());
+        let name = name.to_os_string();
+        let who = caller(req);
+        self.spawn(move |fs| async move {
+            reply_entry(reply, fs.mknod(parent, &name, mode, rdev, who).await)
+        });
+    }
+
+    fn setxattr(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let mode = if flags & libc::XATTR_CREATE != 0 {
+            XattrMode::Create
+        } else if flags & libc::XATTR_REPLACE != 0 {
+            XattrMode::Replace
+        } else {
+            XattrMode::Any
+        };
+        let (name, value) = (name.to_os_string(), value.to_vec());
+        self.spawn(move |fs| async move {
+            reply_empty(reply, fs.setxattr(ino, &name, &value, mode).await)
+        });
+    }
+
+    fn getxattr(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        name: &OsStr,
+        size: u32,
+        reply: ReplyXattr,
+    ) {
+        let name = name.to_os_string();
+        self.spawn(move |fs| async move { reply_xattr(reply, size, fs.getxattr(ino, &name).await) });
+    }
+
+    fn listxattr(&mut self, _req: &Request<'_>, ino: u64, size: u32, reply: ReplyXattr) {
+        self.spawn(move |fs| async move { reply_xattr(reply, size, fs.listxattr(ino).await) });
+    }
+
+    fn removexattr(&mut self, _req: &Request<'_>, ino: u64, name: &OsStr, reply: ReplyEmpty) {
+        let name = name.to_os_string();
+        self.spawn(move |fs| async move { reply_empty(reply, fs.removexattr(ino, &name).await) });
+    }
+
+    fn fallocate(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        length: i64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        self.spawn(move |fs| async move {
+            let r = fs.fallocate(ino, offset.max(0) as u64, length.max(0) as u64, mode).await;
+            reply_empty(reply, r)
+        });
     }
 
     fn rename(
@@ -264,17 +379,18 @@ impl Filesystem for FuseAdapter {
 
     fn create(
         &mut self,
-        _req: &Request<'_>,
+        req: &Request<'_>,
         parent: u64,
         name: &OsStr,
-        _mode: u32,
+        mode: u32,
         _umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
         let name = name.to_os_string();
+        let who = caller(req);
         self.spawn(move |fs| async move {
-            match fs.create(parent, &name, flags).await {
+            match fs.create(parent, &name, mode, flags, who).await {
                 Ok((a, o)) => reply.created(
                     &TTL,
                     &file_attr(&a),
@@ -368,11 +484,7 @@ impl Filesystem for FuseAdapter {
             Err(e) => return reply.error(errno(&e)),
         };
         for (i, e) in entries.iter().enumerate().skip(offset.max(0) as usize) {
-            let kind = match e.kind {
-                NodeKind::File => FileType::RegularFile,
-                NodeKind::Dir => FileType::Directory,
-            };
-            if reply.add(e.ino, (i + 1) as i64, kind, &e.name) {
+            if reply.add(e.ino, (i + 1) as i64, file_type(e.kind), &e.name) {
                 break;
             }
         }

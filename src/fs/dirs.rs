@@ -1,5 +1,6 @@
 //! Directories: listings (READDIR and READDIRPLUS), mkdir, rmdir.
 
+use super::attrs::Caller;
 use super::*;
 
 impl S4Fs {
@@ -41,13 +42,17 @@ impl S4Fs {
                 }
             }
         });
-        for d in lock(&self.dirs).range(prefix.clone()..) {
-            let Some(rest) = d.strip_prefix(&prefix) else {
-                break;
-            };
-            let child = rest.split('/').next().unwrap_or(rest);
-            out.insert(child.to_string(), NodeKind::Dir);
-        }
+        self.db.read_dirs(|dirs| {
+            for (d, _) in range_from(dirs, &prefix) {
+                let Some(rest) = d.strip_prefix(&prefix) else {
+                    break;
+                };
+                let child = rest.split('/').next().unwrap_or(rest);
+                if usable(child) {
+                    out.insert(child.to_string(), NodeKind::Dir);
+                }
+            }
+        });
         let inodes = lock(&self.inodes);
         for ino in lock(&self.open_files).keys() {
             if let Some((p, _)) = inodes.get(*ino) {
@@ -70,12 +75,12 @@ impl S4Fs {
         let mut entries = vec![
             DirEntry {
                 ino,
-                kind: NodeKind::Dir,
+                kind: FileKind::Dir,
                 name: ".".into(),
             },
             DirEntry {
                 ino: ROOT_INO,
-                kind: NodeKind::Dir,
+                kind: FileKind::Dir,
                 name: "..".into(),
             },
         ];
@@ -83,7 +88,7 @@ impl S4Fs {
         if ino == CONTROL_DIR_INO {
             entries.extend(ControlFile::ALL.iter().map(|c| DirEntry {
                 ino: c.ino(),
-                kind: NodeKind::File,
+                kind: FileKind::Regular,
                 name: c.name().into(),
             }));
         } else {
@@ -92,7 +97,7 @@ impl S4Fs {
             if dir.is_empty() {
                 entries.push(DirEntry {
                     ino: CONTROL_DIR_INO,
-                    kind: NodeKind::Dir,
+                    kind: FileKind::Dir,
                     name: CONTROL_DIR.into(),
                 });
             }
@@ -102,14 +107,18 @@ impl S4Fs {
                 let inodes = lock(&self.inodes);
                 for (name, kind) in children {
                     let path = join(&dir, &name);
+                    let kind = match kind {
+                        NodeKind::Dir => FileKind::Dir,
+                        NodeKind::File => {
+                            unknown.push(path.clone());
+                            self.db.attrs(&path).map_or(FileKind::Regular, |a| a.kind)
+                        }
+                    };
                     entries.push(DirEntry {
                         ino: inodes.listing_ino(&path),
                         kind,
                         name,
                     });
-                    if kind == NodeKind::File {
-                        unknown.push(path);
-                    }
                 }
             }
             self.prefetch_sizes(unknown);
@@ -166,14 +175,25 @@ impl S4Fs {
         let mut out = Vec::with_capacity(max);
         for (i, e) in entries.iter().enumerate().skip(offset as usize).take(max) {
             let fixed = |attr| (attr, false);
-            let (attr, counted) = if e.name == "." || e.name == ".." || e.ino == CONTROL_DIR_INO {
-                fixed(self.dir_attr(e.ino))
+            let (attr, counted) = if e.name == "." || e.name == ".." {
+                let dir = path.as_deref().unwrap_or(CONTROL_DIR);
+                let (ino, dir) = match e.name.as_str() {
+                    "." => (e.ino, dir),
+                    _ => (ROOT_INO, ""),
+                };
+                fixed(self.dir_attr(ino, dir))
+            } else if e.ino == CONTROL_DIR_INO {
+                fixed(self.control_dir_attr())
             } else if let Some(c) = ControlFile::from_ino(e.ino).filter(|_| path.is_none()) {
                 fixed(self.control_attr(c))
             } else {
                 let child = join(path.as_deref().unwrap_or_default(), &e.name);
-                let ino = lock(&self.inodes).bind(&child, e.kind, false);
-                match self.attr_of(ino, &child, e.kind).await {
+                let kind = match e.kind {
+                    FileKind::Dir => NodeKind::Dir,
+                    _ => NodeKind::File,
+                };
+                let ino = self.bind(&child, kind, false);
+                match self.attr_of(ino, &child, kind).await {
                     Ok(attr) => (attr, true),
                     Err(_) => continue,
                 }
@@ -196,15 +216,24 @@ impl S4Fs {
         }
     }
 
-    pub fn mkdir(&self, parent: u64, name: &OsStr) -> FsResult<Attr> {
+    pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> FsResult<Attr> {
         self.check_writable()?;
-        let path = self.new_path(parent, name)?;
+        let (dir, path) = self.new_path(parent, name)?;
         if self.resolve(&path).is_some() {
             return Err(FsError::Exists);
         }
-        lock(&self.dirs).insert(path.clone());
+        let now = SystemTime::now();
+        let attrs = self.new_attrs(&dir, FileKind::Dir, mode, caller);
+        self.db.write(vec![
+            Op::SetDir {
+                path: path.clone(),
+                attrs: Some(attrs),
+            },
+            self.touch_dir_op(&dir, now),
+        ])?;
+        self.wrote();
         let ino = lock(&self.inodes).bind(&path, NodeKind::Dir, true);
-        Ok(self.dir_attr(ino))
+        Ok(self.dir_attr(ino, &path))
     }
 
     /// Nothing shown under `path/`: no mappable key, no explicit directory,
@@ -216,26 +245,23 @@ impl S4Fs {
 
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
         self.check_writable()?;
-        let path = join(&self.dir_path(parent)?, existing_name(name)?);
+        let dir = self.dir_path(parent)?;
+        let path = join(&dir, existing_name(name)?);
         match self.resolve(&path) {
             None => return Err(FsError::NotFound),
             Some(NodeKind::File) => return Err(FsError::NotDir),
             Some(NodeKind::Dir) if !self.dir_is_empty(&path) => return Err(FsError::NotEmpty),
             Some(NodeKind::Dir) => {}
         }
-        lock(&self.dirs).remove(&path);
+        self.db.write(vec![
+            Op::SetDir {
+                path: path.clone(),
+                attrs: None,
+            },
+            self.touch_dir_op(&dir, SystemTime::now()),
+        ])?;
+        self.wrote();
         lock(&self.inodes).unbind(&path);
-        self.keep_parent(&path);
         Ok(())
-    }
-
-    /// After something left `path`'s directory, keep that directory in view
-    /// even if no key implies it any more (`rm -r` removes it next).
-    pub(super) fn keep_parent(&self, path: &str) {
-        if let Some((parent, _)) = path.rsplit_once('/') {
-            if self.resolve(parent).is_none() {
-                lock(&self.dirs).insert(parent.to_string());
-            }
-        }
     }
 }

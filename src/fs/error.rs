@@ -27,6 +27,18 @@ pub enum FsError {
     NotPermitted(&'static str),
     #[error("value of {key:?} would be {len} bytes, past the format's 4 GiB entry limit")]
     TooLarge { key: String, len: u64 },
+    #[error("no such extended attribute")]
+    NoXattr,
+    #[error("extended attribute name is empty or longer than 255 bytes")]
+    XattrRange,
+    #[error("extended attribute value is larger than 64 KiB")]
+    XattrTooBig,
+    #[error("no space: {0}")]
+    NoSpace(&'static str),
+    #[error("permission denied: {0}")]
+    Access(&'static str),
+    #[error("too many links")]
+    TooManyLinks,
     #[error("bad file handle")]
     BadHandle,
     #[error("invalid argument: {0}")]
@@ -54,6 +66,12 @@ impl FsError {
             FsError::NotPermitted(_) => libc::EPERM,
             FsError::TooLarge { .. } => libc::EFBIG,
             FsError::BadHandle => libc::EBADF,
+            FsError::NoXattr => libc::ENODATA,
+            FsError::XattrRange => libc::ERANGE,
+            FsError::XattrTooBig => libc::E2BIG,
+            FsError::NoSpace(_) => libc::ENOSPC,
+            FsError::Access(_) => libc::EACCES,
+            FsError::TooManyLinks => libc::EMLINK,
             FsError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
             FsError::Db(DbError::ValueTooLarge { .. }) => libc::EFBIG,
             FsError::Db(DbError::InvalidKey { .. }) => libc::EINVAL,

@@ -1,5 +1,6 @@
 //! Files: open, read, write, the put at close or fsync, truncate, unlink and rename.
 
+use super::attrs::{Caller, SetAttr};
 use super::*;
 
 impl S4Fs {
@@ -28,36 +29,45 @@ impl S4Fs {
         }
     }
 
-    pub(super) fn created(&self) -> FileData {
-        FileData {
-            content: Some(Content::empty(&self.cfg.spill_dir)),
-            dirty: true,
-            ..self.unloaded()
-        }
-    }
 
-    pub async fn create(&self, parent: u64, name: &OsStr, flags: i32) -> FsResult<(Attr, Opened)> {
+    /// create(2): the new file is a key at once (an empty value with its
+    /// attributes), so every other call sees it as any file.
+    pub async fn create(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+        caller: Caller,
+    ) -> FsResult<(Attr, Opened)> {
         self.check_writable()?;
-        let path = self.new_path(parent, name)?;
+        let (dir, path) = self.new_path(parent, name)?;
         match self.resolve(&path) {
             Some(NodeKind::Dir) => return Err(FsError::IsDir),
             Some(NodeKind::File) if flags & libc::O_EXCL != 0 => return Err(FsError::Exists),
             Some(NodeKind::File) => {
-                let ino = lock(&self.inodes).bind(&path, NodeKind::File, true);
+                let ino = self.bind(&path, NodeKind::File, true);
                 let opened = self.open(ino, flags).await?;
                 return Ok((self.attr_of(ino, &path, NodeKind::File).await?, opened));
             }
             None => {}
         }
-        let ino = lock(&self.inodes).bind(&path, NodeKind::File, true);
-        let open = self.open_file(ino, || self.created());
+        let loc = self.make_node(&dir, &path, FileKind::Regular, mode, 0, caller, Value::Text(String::new()))?;
+        let ino = self.bind(&path, NodeKind::File, true);
+        let open = self.open_file(ino, || FileData {
+            content: Some(Content::empty(&self.cfg.spill_dir)),
+            base: Some(loc),
+            open_loc: Some(loc),
+            ..self.unloaded()
+        });
+        lock(&self.cached).insert(ino, loc);
         let fh = self.add_handle(Handle::File {
             ino,
             open,
             append: flags & libc::O_APPEND != 0,
             writable: true,
         });
-        let attr = self.file_attr(ino, 0, SystemTime::now(), self.cfg.file_mode);
+        let attr = self.attr_of(ino, &path, NodeKind::File).await?;
         Ok((
             attr,
             Opened {
@@ -66,6 +76,38 @@ impl S4Fs {
                 direct_io: false,
             },
         ))
+    }
+
+    /// Puts a new node's key (its value and attributes) and touches its
+    /// directory, in one batch. Returns where the value went.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn make_node(
+        &self,
+        dir: &str,
+        path: &str,
+        kind: FileKind,
+        mode: u32,
+        rdev: u64,
+        caller: Caller,
+        value: Value,
+    ) -> FsResult<Location> {
+        let now = SystemTime::now();
+        let mut attrs = self.new_attrs(dir, kind, mode, caller);
+        attrs.rdev = rdev;
+        (attrs.atime, attrs.mtime, attrs.ctime) = (now, now, now);
+        let len = value.len() as u64;
+        let placed = self.db.write(vec![
+            Op::Put {
+                key: path.to_string(),
+                value,
+                attrs: Some(attrs),
+            },
+            self.touch_dir_op(dir, now),
+        ])?;
+        let loc = placed[0].expect("a put is always placed");
+        self.meta.insert(loc, ValueMeta { len, mtime: now });
+        self.wrote();
+        Ok(loc)
     }
 
     pub async fn open(&self, ino: u64, flags: i32) -> FsResult<Opened> {
@@ -265,18 +307,64 @@ impl S4Fs {
         let content = d.content.as_ref().expect("dirty content is loaded");
         let len = content.len();
         check_entry_size(&path, len)?;
+        // The file's attributes, with the content times of this put; every
+        // name of a hard-linked file gets the same bytes.
+        let now = SystemTime::now();
+        let mut attrs = match d.base.and_then(|l| self.db.attrs_at(&path, l)) {
+            Some(a) => (*a).clone(),
+            None => match self.db.attrs(&path) {
+                Some(a) => (*a).clone(),
+                None => self.default_file_attrs(d.mtime),
+            },
+        };
+        attrs.mtime = d.mtime;
+        attrs.ctime = now.max(d.mtime);
+        let mut others = match attrs.link_id {
+            0 => Vec::new(),
+            id => self.db.link_members(id),
+        };
+        others.retain(|k| *k != path);
         let (loc, binary) = if content.is_spilled() {
             // Too large to hold: streamed from the spill file as a raw entry.
             off_session_thread().await;
             let binary = !content.is_utf8()?;
-            let loc = self
-                .db
-                .put_from_reader(&path, &mut content.reader(), len, binary, None)?;
+            let loc = self.db.put_from_reader(
+                &path,
+                &mut content.reader(),
+                len,
+                binary,
+                Some(attrs.clone()),
+            )?;
+            for other in &others {
+                self.db.put_from_reader(
+                    other,
+                    &mut content.reader(),
+                    len,
+                    binary,
+                    Some(attrs.clone()),
+                )?;
+            }
             (loc, binary)
         } else {
             let value = Value::from_bytes_guess(content.to_vec()?);
             let binary = value.is_binary();
-            let placed = self.db.apply([(path, Some(value))])?;
+            let mut ops = vec![Op::Put {
+                key: path.clone(),
+                value: value.clone(),
+                attrs: Some(attrs.clone()),
+            }];
+            ops.extend(others.iter().map(|k| Op::Put {
+                key: k.clone(),
+                value: value.clone(),
+                attrs: Some(attrs.clone()),
+            }));
+            let placed = self.db.write(ops)?;
+            for (k, l) in others.iter().zip(&placed[1..]) {
+                if let Some(l) = l {
+                    let _ = k;
+                    self.meta.insert(*l, ValueMeta { len, mtime: d.mtime });
+                }
+            }
             (placed[0].expect("a put is always placed"), binary)
         };
         self.meta.insert(
@@ -354,31 +442,34 @@ impl S4Fs {
         lock(&self.handles).remove(&fh);
     }
 
-    /// chmod, chown and utimens succeed (so `cp -a` and `rsync -a` run
-    /// clean); a new mtime is kept with the value; a size truncates or extends.
-    pub async fn setattr(
-        &self,
-        ino: u64,
-        size: Option<u64>,
-        mtime: Option<SystemTime>,
-    ) -> FsResult<Attr> {
-        if ControlFile::from_ino(ino).is_some() || ino == ROOT_INO || ino == CONTROL_DIR_INO {
+    /// chmod, chown, utimens and truncate. The kernel has checked who may
+    /// do it (`default_permissions`) and cleared setuid/setgid where Linux
+    /// does; the new attributes are kept with the value's entry (the value
+    /// is not rewritten) and published with the next upload.
+    pub async fn setattr(&self, ino: u64, set: SetAttr) -> FsResult<Attr> {
+        if ControlFile::from_ino(ino).is_some() || ino == CONTROL_DIR_INO {
             return self.getattr(ino).await;
         }
         self.check_writable()?;
-        let (path, kind) = self.node(ino)?;
+        let (path, kind) = match ino {
+            ROOT_INO => (String::new(), NodeKind::Dir),
+            _ => self.node(ino)?,
+        };
         if kind == NodeKind::Dir {
-            if size.is_some() {
+            if set.size.is_some() {
                 return Err(FsError::IsDir);
             }
-            return Ok(self.dir_attr(ino));
+            self.set_metadata(ino, &path, kind, &set, false).await?;
+            return Ok(self.dir_attr(ino, &path));
         }
-        if size.is_some() || mtime.is_some() {
+        let now = SystemTime::now();
+        let mtime = set.mtime.map(|t| t.resolve(now));
+        if set.size.is_some() || mtime.is_some() {
             if self.location_of(ino, &path).is_none() && !self.created_open_file(&path) {
                 return Err(FsError::NotFound);
             }
             let open = self.open_file(ino, || self.unloaded());
-            let result = self.change_open(ino, &path, &open, size, mtime).await;
+            let result = self.change_open(ino, &path, &open, set.size, mtime).await;
             let mut files = lock(&self.open_files);
             if open.handles.fetch_sub(1, Ordering::Relaxed) == 1 {
                 files.remove(&ino);
@@ -386,6 +477,8 @@ impl S4Fs {
             drop(files);
             result?;
         }
+        self.set_metadata(ino, &path, kind, &set, set.size.is_some())
+            .await?;
         self.attr_of(ino, &path, kind).await
     }
 
@@ -429,20 +522,55 @@ impl S4Fs {
 
     pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
         self.check_writable()?;
-        let path = join(&self.dir_path(parent)?, existing_name(name)?);
+        let dir = self.dir_path(parent)?;
+        let path = join(&dir, existing_name(name)?);
         match self.resolve(&path) {
             None => return Err(FsError::NotFound),
             Some(NodeKind::Dir) => return Err(FsError::IsDir),
             Some(NodeKind::File) => {}
         }
-        self.detach(&path);
-        if self.db.contains_key(&path) {
-            self.db.delete([&path])?;
-            self.wrote();
+        let now = SystemTime::now();
+        // The other names of a hard-linked file stay, with one link fewer.
+        let attrs = self.db.attrs(&path);
+        let others: Vec<String> = match attrs.as_ref().map_or(0, |a| a.link_id) {
+            0 => Vec::new(),
+            id => self
+                .db
+                .link_members(id)
+                .into_iter()
+                .filter(|k| *k != path)
+                .collect(),
+        };
+        let ino = lock(&self.inodes).ino_of(&path);
+        if others.is_empty() {
+            self.detach(&path);
         }
-        self.drop_open_file(&path);
-        lock(&self.inodes).unbind(&path);
-        self.keep_parent(&path);
+        let mut ops = vec![self.touch_dir_op(&dir, now)];
+        if self.db.contains_key(&path) {
+            ops.push(Op::Delete { key: path.clone() });
+        }
+        if let Some(a) = &attrs {
+            let mut a = (**a).clone();
+            a.ctime = now;
+            if others.len() == 1 {
+                a.link_id = 0; // one name left: an ordinary file again
+            }
+            ops.extend(others.iter().map(|k| Op::SetAttrs {
+                key: k.clone(),
+                attrs: a.clone(),
+            }));
+        }
+        self.db.write(ops)?;
+        self.wrote();
+        let mut inodes = lock(&self.inodes);
+        inodes.unbind(&path);
+        match (ino, others.first()) {
+            (Some(ino), Some(other)) => inodes.repoint(ino, other),
+            _ => {
+                drop(inodes);
+                self.drop_open_file(&path);
+            }
+        }
         Ok(())
     }
 
@@ -570,8 +698,9 @@ impl S4Fs {
         if flags & libc::RENAME_EXCHANGE != 0 {
             return Err(FsError::InvalidArgument("RENAME_EXCHANGE is not supported"));
         }
-        let from = join(&self.dir_path(parent)?, existing_name(name)?);
-        let to = self.new_path(new_parent, new_name)?;
+        let from_dir = self.dir_path(parent)?;
+        let from = join(&from_dir, existing_name(name)?);
+        let (to_dir, to) = self.new_path(new_parent, new_name)?;
         let src = self.resolve(&from).ok_or(FsError::NotFound)?;
         if from == to {
             return Ok(());
@@ -610,19 +739,69 @@ impl S4Fs {
         let old: Vec<&str> = moves.iter().map(|(f, _)| f.as_str()).collect();
         let locs: Vec<Option<Location>> = old.iter().map(|k| self.db.location(k)).collect();
         let values = self.values_of(&old, &locs).await?;
-        let mut batch = Vec::with_capacity(moves.len() * 2);
+        let now = SystemTime::now();
+        let mut ops = Vec::with_capacity(moves.len() * 2 + 4);
         for ((f, t), v) in moves.iter().zip(values) {
             // A key deleted meanwhile is simply not moved.
             if let Some(v) = v {
-                batch.push((t.clone(), Some(v)));
-                batch.push((f.clone(), None));
+                let attrs = self.db.attrs(f).map(|a| {
+                    let mut a = (*a).clone();
+                    a.ctime = now;
+                    a
+                });
+                ops.push(Op::Put {
+                    key: t.clone(),
+                    value: v,
+                    attrs,
+                });
+                ops.push(Op::Delete { key: f.clone() });
             }
         }
         if dst == Some(NodeKind::File) {
             self.drop_open_file(&to);
             self.detach(&to);
         }
-        let placed = self.db.apply(batch)?;
+        if src == NodeKind::Dir {
+            // Explicit directories move along; the directory itself stays
+            // explicit where it lands (it may hold no key).
+            let under = format!("{from}/");
+            let moved: Vec<(String, Arc<crate::db::attrs::Attrs>)> = self.db.read_dirs(|dirs| {
+                range_from(dirs, &from)
+                    .take_while(|(d, _)| **d == from || d.starts_with(&under))
+                    .filter(|(d, _)| **d == from || d.starts_with(&under))
+                    .map(|(d, a)| (d.to_string(), a.clone()))
+                    .collect()
+            });
+            if dst == Some(NodeKind::Dir) {
+                ops.push(Op::SetDir {
+                    path: to.clone(),
+                    attrs: None,
+                });
+            }
+            let mut own = (*self.dir_attrs_of(&from)).clone();
+            own.ctime = now;
+            for (d, a) in &moved {
+                ops.push(Op::SetDir {
+                    path: d.clone(),
+                    attrs: None,
+                });
+                if *d != from {
+                    ops.push(Op::SetDir {
+                        path: format!("{to}{}", &d[from.len()..]),
+                        attrs: Some((**a).clone()),
+                    });
+                }
+            }
+            ops.push(Op::SetDir {
+                path: to.clone(),
+                attrs: Some(own),
+            });
+        }
+        ops.push(self.touch_dir_op(&from_dir, now));
+        if to_dir != from_dir {
+            ops.push(self.touch_dir_op(&to_dir, now));
+        }
+        let placed = self.db.write(ops)?;
         // Values did not change: their sizes and mtimes move with them.
         for (old_loc, new_loc) in locs.iter().zip(placed.iter().step_by(2)) {
             if let (Some(o), Some(n)) = (old_loc, new_loc) {
@@ -631,27 +810,7 @@ impl S4Fs {
                 }
             }
         }
-        if src == NodeKind::Dir {
-            let mut dirs = lock(&self.dirs);
-            let under = format!("{from}/");
-            let moved: Vec<String> = dirs
-                .iter()
-                .filter(|d| **d == from || d.starts_with(&under))
-                .cloned()
-                .collect();
-            for d in moved {
-                dirs.remove(&d);
-                dirs.insert(format!("{to}{}", &d[from.len()..]));
-            }
-            if self
-                .db
-                .read_index(|idx| !has_path_under(idx, &format!("{to}/")))
-            {
-                dirs.insert(to.clone());
-            }
-        }
         lock(&self.inodes).rename(&from, &to);
-        self.keep_parent(&from);
         self.wrote();
         Ok(())
     }

@@ -31,6 +31,8 @@ struct Node {
 pub struct Inodes {
     by_ino: HashMap<u64, Node>,
     by_path: HashMap<Key, u64>,
+    /// Hard-link groups: every name of the group binds this inode.
+    by_link: HashMap<u64, u64>,
     next: u64,
 }
 
@@ -39,6 +41,7 @@ impl Default for Inodes {
         Inodes {
             by_ino: HashMap::new(),
             by_path: HashMap::new(),
+            by_link: HashMap::new(),
             next: FIRST_DYNAMIC_INO,
         }
     }
@@ -51,7 +54,10 @@ impl Inodes {
     }
 
     pub fn ino_of(&self, path: &str) -> Option<u64> {
-        self.by_path.get(path).copied()
+        self.by_path
+            .get(path)
+            .copied()
+            .filter(|i| self.by_ino.contains_key(i))
     }
 
     /// The inode of `path` as `kind`, made if needed; `lookup` counts one
@@ -62,7 +68,7 @@ impl Inodes {
             .by_path
             .get(path)
             .copied()
-            .filter(|ino| self.by_ino[ino].kind == kind);
+            .filter(|ino| self.by_ino.get(ino).is_some_and(|n| n.kind == kind));
         let ino = existing.unwrap_or_else(|| {
             let ino = self.next;
             self.next += 1;
@@ -83,6 +89,39 @@ impl Inodes {
         ino
     }
 
+    /// [`Inodes::bind`] of a file in hard-link group `link` (0: none): the
+    /// group's inode if it has one, which `path` then names too.
+    pub fn bind_linked(&mut self, path: &str, kind: NodeKind, link: u64, lookup: bool) -> u64 {
+        if link != 0 {
+            if let Some(&ino) = self.by_link.get(&link) {
+                if let Some(node) = self.by_ino.get_mut(&ino) {
+                    if lookup {
+                        node.lookups += 1;
+                    }
+                    if self.by_path.get(path) != Some(&ino) {
+                        node.path = path.into();
+                        self.by_path.insert(path.into(), ino);
+                    }
+                    return ino;
+                }
+            }
+        }
+        let ino = self.bind(path, kind, lookup);
+        if link != 0 {
+            self.by_link.insert(link, ino);
+        }
+        ino
+    }
+
+    /// The inode now goes by `path` (another name of a hard-linked file,
+    /// after the one it went by was unlinked).
+    pub fn repoint(&mut self, ino: u64, path: &str) {
+        if let Some(node) = self.by_ino.get_mut(&ino) {
+            node.path = path.into();
+            self.by_path.insert(path.into(), ino);
+        }
+    }
+
     /// The kernel took a reference (an entry it was sent in a listing).
     pub fn add_lookup(&mut self, ino: u64) {
         if let Some(node) = self.by_ino.get_mut(&ino) {
@@ -101,6 +140,7 @@ impl Inodes {
             if self.by_path.get(node.path.as_str()) == Some(&ino) {
                 self.by_path.remove(node.path.as_str());
             }
+            self.by_link.retain(|_, i| *i != ino);
         }
     }
 

@@ -6,6 +6,7 @@
 //! an open file collect in a per-inode [`content::Content`] shared by all its
 //! handles and become one put when a handle is flushed (close) or fsynced.
 
+pub mod attrs;
 pub mod content;
 pub mod control;
 mod dirs;
@@ -14,9 +15,12 @@ mod files;
 pub mod inodes;
 pub mod meta;
 pub mod names;
+mod special;
 mod sync;
 pub mod value_cache;
 
+pub use crate::db::attrs::FileKind;
+use crate::db::attrs::Op;
 use crate::db::S4db;
 use crate::format::{range_from, Location, Value};
 use crate::remote::MeteredStore;
@@ -29,7 +33,7 @@ use meta::{MetaCache, ValueMeta};
 use names::{
     after_subtree, has_path_under, is_shadowed, join, key_is_path, new_component, CONTROL_DIR,
 };
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -64,18 +68,23 @@ pub struct FsConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Attr {
     pub ino: u64,
-    pub kind: NodeKind,
+    pub kind: FileKind,
     pub size: u64,
-    pub mtime: SystemTime,
+    /// The 12 permission bits.
     pub perm: u16,
     pub uid: u32,
     pub gid: u32,
+    pub rdev: u32,
+    pub nlink: u32,
+    pub atime: SystemTime,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirEntry {
     pub ino: u64,
-    pub kind: NodeKind,
+    pub kind: FileKind,
     pub name: String,
 }
 
@@ -153,8 +162,6 @@ pub struct S4Fs {
     cfg: FsConfig,
     started: SystemTime,
     inodes: Mutex<Inodes>,
-    /// Directories made by mkdir (or emptied by unlink/rename) that no key implies.
-    dirs: Mutex<BTreeSet<String>>,
     open_files: Mutex<HashMap<u64, Arc<OpenFile>>>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
@@ -198,7 +205,6 @@ impl S4Fs {
             cfg,
             started: SystemTime::now(),
             inodes: Mutex::new(Inodes::default()),
-            dirs: Mutex::new(BTreeSet::new()),
             open_files: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -222,28 +228,17 @@ impl S4Fs {
 
     // ----- attributes -------------------------------------------------------
 
-    fn dir_attr(&self, ino: u64) -> Attr {
-        Attr {
-            ino,
-            kind: NodeKind::Dir,
-            size: 0,
-            mtime: self.started,
-            perm: self.cfg.dir_mode,
-            uid: self.cfg.uid,
-            gid: self.cfg.gid,
-        }
+    /// `stat` of directory inode `ino` at `path`.
+    fn dir_attr(&self, ino: u64, path: &str) -> Attr {
+        let a = self.dir_attrs_of(path);
+        self.attr_from(ino, &a, 0, self.dir_nlink(path))
     }
 
-    fn file_attr(&self, ino: u64, size: u64, mtime: SystemTime, perm: u16) -> Attr {
-        Attr {
-            ino,
-            kind: NodeKind::File,
-            size,
-            mtime,
-            perm,
-            uid: self.cfg.uid,
-            gid: self.cfg.gid,
-        }
+    /// `stat` of the control directory.
+    fn control_dir_attr(&self) -> Attr {
+        let mut a = (*self.dir_attrs_of(CONTROL_DIR)).clone();
+        a.mode = 0o755;
+        self.attr_from(CONTROL_DIR_INO, &a, 0, 2)
     }
 
     fn control_attr(&self, c: ControlFile) -> Attr {
@@ -255,7 +250,9 @@ impl S4Fs {
         } else {
             (self.control_contents(c).len() as u64, 0o444)
         };
-        self.file_attr(c.ino(), size, SystemTime::now(), perm)
+        let mut a = self.default_file_attrs(SystemTime::now());
+        a.mode = perm;
+        self.attr_from(c.ino(), &a, size, 1)
     }
 
     /// Length and put time of the value at `loc`: remembered, or resolved
@@ -350,25 +347,36 @@ impl S4Fs {
 
     async fn attr_of(&self, ino: u64, path: &str, kind: NodeKind) -> FsResult<Attr> {
         if kind == NodeKind::Dir {
-            return Ok(self.dir_attr(ino));
+            return Ok(self.dir_attr(ino, path));
         }
         let open = lock(&self.open_files).get(&ino).cloned();
+        let mut size_now = None;
+        let mut loc = None;
         if let Some(open) = open {
             let d = open.data.lock().await;
             if d.unlinked {
                 return Err(FsError::NotFound);
             }
             if let Some(c) = &d.content {
-                return Ok(self.file_attr(ino, c.len(), d.mtime, self.cfg.file_mode));
+                if d.dirty {
+                    size_now = Some((c.len(), d.mtime));
+                }
             }
-            if let Some(loc) = d.open_loc {
-                let m = self.value_meta(path, loc).await?;
-                return Ok(self.file_attr(ino, m.len, m.mtime, self.cfg.file_mode));
-            }
+            loc = d.open_loc.filter(|_| d.content.is_none()).or(d.base);
         }
-        let loc = self.location_of(ino, path).ok_or(FsError::NotFound)?;
-        let m = self.value_meta(path, loc).await?;
-        Ok(self.file_attr(ino, m.len, m.mtime, self.cfg.file_mode))
+        let loc = match self.location_of(ino, path) {
+            Some(l) => l,
+            None => loc.ok_or(FsError::NotFound)?,
+        };
+        let (mut a, mut size) = self.file_attrs_at(path, loc).await?;
+        if let Some((len, mtime)) = size_now {
+            // Unput bytes of an open file: what a close will put.
+            size = len;
+            a.mtime = mtime;
+            a.ctime = a.ctime.max(mtime);
+        }
+        let nlink = self.nlink_of(&a);
+        Ok(self.attr_from(ino, &a, size, nlink))
     }
 
     // ----- names ------------------------------------------------------------
@@ -398,15 +406,14 @@ impl S4Fs {
 
     /// Whether an explicit directory or an open created file lies under `prefix`.
     fn pending_under(&self, prefix: &str) -> bool {
-        let dirs = lock(&self.dirs);
-        if dirs
-            .range(prefix.to_string()..)
-            .next()
-            .is_some_and(|d| d.starts_with(prefix))
-        {
+        let dir_under = self.db.read_dirs(|dirs| {
+            range_from(dirs, prefix)
+                .next()
+                .is_some_and(|(d, _)| d.starts_with(prefix))
+        });
+        if dir_under {
             return true;
         }
-        drop(dirs);
         let inodes = lock(&self.inodes);
         lock(&self.open_files)
             .keys()
@@ -423,7 +430,7 @@ impl S4Fs {
                 has_path_under(idx, &under),
             )
         });
-        if dir || lock(&self.dirs).contains(path) || self.pending_under(&under) {
+        if dir || self.db.dir_attrs(path).is_some() || self.pending_under(&under) {
             Some(NodeKind::Dir)
         } else if file || self.created_open_file(path) {
             Some(NodeKind::File)
@@ -435,7 +442,7 @@ impl S4Fs {
     pub async fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Attr> {
         let name = existing_name(name)?;
         if parent == ROOT_INO && name == CONTROL_DIR {
-            return Ok(self.dir_attr(CONTROL_DIR_INO));
+            return Ok(self.control_dir_attr());
         }
         if parent == CONTROL_DIR_INO {
             let c = ControlFile::from_name(name).ok_or(FsError::NotFound)?;
@@ -443,7 +450,7 @@ impl S4Fs {
         }
         let path = join(&self.dir_path(parent)?, name);
         let kind = self.resolve(&path).ok_or(FsError::NotFound)?;
-        let ino = lock(&self.inodes).bind(&path, kind, true);
+        let ino = self.bind(&path, kind, true);
         self.attr_of(ino, &path, kind).await
     }
 
@@ -456,8 +463,11 @@ impl S4Fs {
     }
 
     pub async fn getattr(&self, ino: u64) -> FsResult<Attr> {
-        if ino == ROOT_INO || ino == CONTROL_DIR_INO {
-            return Ok(self.dir_attr(ino));
+        if ino == ROOT_INO {
+            return Ok(self.dir_attr(ino, ""));
+        }
+        if ino == CONTROL_DIR_INO {
+            return Ok(self.control_dir_attr());
         }
         if let Some(c) = ControlFile::from_ino(ino) {
             return Ok(self.control_attr(c));
@@ -494,13 +504,24 @@ impl S4Fs {
     }
 
     /// The new path `name` in directory `parent`, refused when it is not a key.
-    fn new_path(&self, parent: u64, name: &OsStr) -> FsResult<String> {
+    /// Returns the directory's path and the new path.
+    fn new_path(&self, parent: u64, name: &OsStr) -> FsResult<(String, String)> {
         let dir = self.dir_path(parent)?;
         let name = new_component(name)?;
         if dir.is_empty() && name == CONTROL_DIR {
             return Err(FsError::Exists);
         }
-        Ok(join(&dir, name))
+        let path = join(&dir, name);
+        Ok((dir, path))
+    }
+
+    /// The inode of `path`: every name of a hard-linked file shares one.
+    fn bind(&self, path: &str, kind: NodeKind, lookup: bool) -> u64 {
+        let link = match kind {
+            NodeKind::File => self.db.attrs(path).map_or(0, |a| a.link_id),
+            NodeKind::Dir => 0,
+        };
+        lock(&self.inodes).bind_linked(path, kind, link, lookup)
     }
 
     fn add_handle(&self, h: Handle) -> u64 {

@@ -1,6 +1,7 @@
 //! The filesystem core without FUSE: the same calls the kernel makes, on
 //! the local-directory store, checked against the engine and a model.
 
+use super::attrs::{Caller, SetAttr};
 use super::*;
 use crate::remote::LocalStore;
 use crate::OpenOptions;
@@ -72,7 +73,7 @@ impl Fixture {
             }
             Err(_) => {
                 self.fs
-                    .create(parent, &os(name), libc::O_WRONLY)
+                    .create(parent, &os(name), 0o644, libc::O_WRONLY, Caller::ROOT)
                     .await?
                     .1
                     .fh
@@ -157,13 +158,13 @@ async fn files_directories_and_control_files() {
     // Names that cannot be keys are refused, not rewritten.
     let long = "n".repeat(256);
     assert_eq!(
-        f.fs.create(root, &os(&long), 0)
+        f.fs.create(root, &os(&long), 0o644, 0, Caller::ROOT)
             .await
             .unwrap_err()
             .to_errno(),
         libc::ENAMETOOLONG
     );
-    assert!(f.fs.mkdir(CONTROL_DIR_INO, &os("x")).is_err());
+    assert!(f.fs.mkdir(CONTROL_DIR_INO, &os("x"), 0o755, Caller::ROOT).is_err());
 
     // Reading a control file runs nothing; writing runs it.
     f.fs.run_control(ControlFile::Upload).await.unwrap();
@@ -174,7 +175,7 @@ async fn files_directories_and_control_files() {
 #[tokio::test]
 async fn emptied_directories_stay_until_rmdir_and_sizes_survive_remount() {
     let f = fixture(&[]).await;
-    f.fs.mkdir(ROOT_INO, &os("x")).unwrap();
+    f.fs.mkdir(ROOT_INO, &os("x"), 0o755, Caller::ROOT).unwrap();
     f.write_file("x/y", b"12345").await.unwrap();
     let x = f.dir("x").await;
     f.fs.unlink(x, &os("y")).unwrap();
@@ -185,7 +186,7 @@ async fn emptied_directories_stay_until_rmdir_and_sizes_survive_remount() {
     // Truncate by path (no open handle) is one put.
     f.write_file("t", b"abcdef").await.unwrap();
     let t = f.fs.lookup(ROOT_INO, &os("t")).await.unwrap().ino;
-    assert_eq!(f.fs.setattr(t, Some(2), None).await.unwrap().size, 2);
+    assert_eq!(f.fs.setattr(t, SetAttr::size(2)).await.unwrap().size, 2);
     assert_eq!(f.fs.db().get("t").await.unwrap(), Some(Value::from("ab")));
 }
 
@@ -221,8 +222,8 @@ proptest! {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
             let f = fixture(&[]).await;
-            f.fs.mkdir(ROOT_INO, &os("even")).unwrap();
-            f.fs.mkdir(ROOT_INO, &os("odd")).unwrap();
+            f.fs.mkdir(ROOT_INO, &os("even"), 0o755, Caller::ROOT).unwrap();
+            f.fs.mkdir(ROOT_INO, &os("odd"), 0o755, Caller::ROOT).unwrap();
             let mut model: BTreeMap<String, Vec<u8>> = BTreeMap::new();
             for op in ops {
                 match op {
@@ -268,7 +269,7 @@ async fn compaction_keeps_sizes_and_mtimes() {
     f.write_file("k", b"value").await.unwrap();
     let ino = f.fs.lookup(ROOT_INO, &os("k")).await.unwrap().ino;
     let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
-    f.fs.setattr(ino, None, Some(t)).await.unwrap();
+    f.fs.setattr(ino, SetAttr::mtime(t)).await.unwrap();
     let before = f.fs.db().location("k");
     f.fs.run_control(ControlFile::Compact).await.unwrap();
     assert_ne!(
