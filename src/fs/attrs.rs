@@ -91,7 +91,10 @@ fn check_xattr_name(name: &[u8]) -> FsResult<()> {
         return Err(FsError::XattrRange);
     }
     let kept = [&b"user."[..], b"trusted.", b"security."];
-    if kept.iter().any(|p| name.starts_with(p) && name.len() > p.len()) {
+    if kept
+        .iter()
+        .any(|p| name.starts_with(p) && name.len() > p.len())
+    {
         Ok(())
     } else {
         Err(FsError::NotSupported(
@@ -285,7 +288,11 @@ impl S4Fs {
     /// The attributes of inode `ino` for the xattr calls.
     async fn xattr_target(&self, ino: u64) -> FsResult<(String, NodeKind, Attrs)> {
         if ino == ROOT_INO {
-            return Ok((String::new(), NodeKind::Dir, (*self.dir_attrs_of("")).clone()));
+            return Ok((
+                String::new(),
+                NodeKind::Dir,
+                (*self.dir_attrs_of("")).clone(),
+            ));
         }
         if ino == CONTROL_DIR_INO || ControlFile::from_ino(ino).is_some() {
             return Err(FsError::NotSupported("control files carry no attributes"));

@@ -29,7 +29,6 @@ impl S4Fs {
         }
     }
 
-
     /// create(2): the new file is a key at once (an empty value with its
     /// attributes), so every other call sees it as any file.
     pub async fn create(
@@ -52,7 +51,15 @@ impl S4Fs {
             }
             None => {}
         }
-        let loc = self.make_node(&dir, &path, FileKind::Regular, mode, 0, caller, Value::Text(String::new()))?;
+        let loc = self.make_node(
+            &dir,
+            &path,
+            FileKind::Regular,
+            mode,
+            0,
+            caller,
+            Value::Text(String::new()),
+        )?;
         let ino = self.bind(&path, NodeKind::File, true);
         let open = self.open_file(ino, || FileData {
             content: Some(Content::empty(&self.cfg.spill_dir)),
@@ -362,7 +369,13 @@ impl S4Fs {
             for (k, l) in others.iter().zip(&placed[1..]) {
                 if let Some(l) = l {
                     let _ = k;
-                    self.meta.insert(*l, ValueMeta { len, mtime: d.mtime });
+                    self.meta.insert(
+                        *l,
+                        ValueMeta {
+                            len,
+                            mtime: d.mtime,
+                        },
+                    );
                 }
             }
             (placed[0].expect("a put is always placed"), binary)

@@ -113,6 +113,11 @@ impl Inodes {
         ino
     }
 
+    /// Inode `ino` is the one of hard-link group `link` from now on.
+    pub fn join_link(&mut self, ino: u64, link: u64) {
+        self.by_link.insert(link, ino);
+    }
+
     /// The inode now goes by `path` (another name of a hard-linked file,
     /// after the one it went by was unlinked).
     pub fn repoint(&mut self, ino: u64, path: &str) {

@@ -189,6 +189,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// An existing entry's name: a name that is not UTF-8 names no key.
 fn existing_name(name: &OsStr) -> FsResult<&str> {
+    if name.len() > names::MAX_NAME_BYTES {
+        return Err(FsError::NameTooLong(name.len()));
+    }
     name.to_str().ok_or(FsError::NotFound)
 }
 
@@ -352,18 +355,19 @@ impl S4Fs {
         let open = lock(&self.open_files).get(&ino).cloned();
         let mut size_now = None;
         let mut loc = None;
+        let mut unlinked = false;
         if let Some(open) = open {
             let d = open.data.lock().await;
-            if d.unlinked {
-                return Err(FsError::NotFound);
-            }
+            unlinked = d.unlinked;
             if let Some(c) = &d.content {
-                if d.dirty {
+                if d.dirty || d.unlinked {
                     size_now = Some((c.len(), d.mtime));
                 }
             }
             loc = d.open_loc.filter(|_| d.content.is_none()).or(d.base);
         }
+        // An unlinked file that is still open has no name left.
+        unlinked |= lock(&self.detached).contains_key(&ino);
         let loc = match self.location_of(ino, path) {
             Some(l) => l,
             None => loc.ok_or(FsError::NotFound)?,
@@ -375,7 +379,7 @@ impl S4Fs {
             a.mtime = mtime;
             a.ctime = a.ctime.max(mtime);
         }
-        let nlink = self.nlink_of(&a);
+        let nlink = if unlinked { 0 } else { self.nlink_of(&a) };
         Ok(self.attr_from(ino, &a, size, nlink))
     }
 

@@ -114,6 +114,8 @@ impl S4Fs {
         if a.link_id == 0 {
             a.link_id = new_link_id();
         }
+        // The inode the kernel knows becomes the group's: every name shares it.
+        lock(&self.inodes).join_link(ino, a.link_id);
         let now = SystemTime::now();
         a.ctime = now;
         let value = match self.small_values.take(loc) {
@@ -141,7 +143,6 @@ impl S4Fs {
         }
         self.wrote();
         let ino = lock(&self.inodes).bind_linked(&new_path, NodeKind::File, a.link_id, true);
-        lock(&self.inodes).bind_linked(&path, NodeKind::File, a.link_id, false);
         self.attr_of(ino, &new_path, NodeKind::File).await
     }
 }
@@ -175,4 +176,3 @@ impl S4Fs {
         Ok(())
     }
 }
-

@@ -164,7 +164,10 @@ async fn files_directories_and_control_files() {
             .to_errno(),
         libc::ENAMETOOLONG
     );
-    assert!(f.fs.mkdir(CONTROL_DIR_INO, &os("x"), 0o755, Caller::ROOT).is_err());
+    assert!(f
+        .fs
+        .mkdir(CONTROL_DIR_INO, &os("x"), 0o755, Caller::ROOT)
+        .is_err());
 
     // Reading a control file runs nothing; writing runs it.
     f.fs.run_control(ControlFile::Upload).await.unwrap();
