@@ -6,7 +6,8 @@
 #   scripts/test.sh --setup-only     only install the system packages and Python venvs
 #
 # Set-up, each step skipped when already done:
-#   - fuse3 (fusermount3), rsync and the user tools the mount tests use, from Debian
+#   - fuse3 (fusermount3), rsync, attr, git, tar and the user tools the mount tests use
+#   - pjdfstest 0.2.2 (cargo install) and its users nobody/nogroup and tests/tests
 #   - .venv-test/py10: moto[server] + boto3 + s4db 0.10.0 (S3 mock server and reference impl.)
 #   - .venv-test/py08: s4db 0.8.0 + boto3 (reference impl. of the old format)
 # The tests find these through S4DB_TEST_PY10, S4DB_TEST_PY08 and S4DB_MOTO_SERVER.
@@ -30,6 +31,10 @@ command -v script >/dev/null || apt_install bsdutils
 command -v rsync >/dev/null || apt_install rsync
 command -v runuser >/dev/null || apt_install util-linux
 command -v useradd >/dev/null || apt_install passwd
+# The programs tests/posix.rs compares on local disk and on the mount.
+command -v setfattr >/dev/null || apt_install attr
+command -v git >/dev/null || apt_install git
+command -v tar >/dev/null || apt_install tar
 # The peers and tools of the benchmark scripts, which the tests run on a tiny N.
 for tool in s3fs rclone fio bc; do
   command -v $tool >/dev/null || apt_install $tool
@@ -37,6 +42,20 @@ done
 command -v python3 >/dev/null || apt_install python3 python3-venv
 # Debian's own python3 needs python3-venv for `python3 -m venv`.
 python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv
+
+# ---- pjdfstest (tests/posix.rs, scripts/pjdfstest.sh) and the users it switches to
+PJDFSTEST_VERSION=0.2.2
+export PATH="$PATH:${CARGO_HOME:-$HOME/.cargo}/bin"
+if [[ "$(pjdfstest --version 2>/dev/null)" != "pjdfstest $PJDFSTEST_VERSION" ]]; then
+  cargo install pjdfstest --version "$PJDFSTEST_VERSION" --locked
+fi
+# nobody/nogroup come with Debian; tests/tests is pjdfstest's second user. Needs root, as
+# the mount tests do.
+if [[ $(id -u) -eq 0 ]]; then
+  getent group nogroup >/dev/null || groupadd nogroup
+  id nobody >/dev/null 2>&1 || useradd -M -g nogroup nobody
+  id tests >/dev/null 2>&1 || useradd -M -U tests
+fi
 
 # ---- Python venvs, rebuilt only when their requirement list (stamp) changes
 PY10_REQS=("moto[server]==5.2.5" "boto3" "s4db==0.10.0")

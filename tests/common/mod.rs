@@ -4,10 +4,14 @@
 //!   test binary, `Moto::start()` for a private one), with bucket helpers.
 //! - [`command_env`]: points a child process at moto, independent of the host's AWS setup.
 //! - [`Py`]: runs `tests/py/s4db_tool.py` under the real Python s4db 0.10.0 / 0.8.0.
+//! - [`mount`]: real `s4db-mount` daemons on temp dirs, shell commands, directory trees.
 //!
 //! The Python side lives in `.venv-test/`, made by `scripts/test.sh` (or
 //! `scripts/test.sh --setup-only`). Missing tools are a hard failure, never a skip.
 #![allow(dead_code)]
+
+/// The FUSE mount harness (`tests/mount.rs`, `tests/posix.rs`).
+pub mod mount;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
