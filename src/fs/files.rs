@@ -543,35 +543,14 @@ impl S4Fs {
             Some(NodeKind::File) => {}
         }
         let now = SystemTime::now();
-        // The other names of a hard-linked file stay, with one link fewer.
-        let attrs = self.db.attrs(&path);
-        let others: Vec<String> = match attrs.as_ref().map_or(0, |a| a.link_id) {
-            0 => Vec::new(),
-            id => self
-                .db
-                .link_members(id)
-                .into_iter()
-                .filter(|k| *k != path)
-                .collect(),
-        };
         let ino = lock(&self.inodes).ino_of(&path);
+        let (others, mut ops) = self.remaining_names(&path, now);
         if others.is_empty() {
             self.detach(&path);
         }
-        let mut ops = vec![self.touch_dir_op(&dir, now)];
+        ops.push(self.touch_dir_op(&dir, now));
         if self.db.contains_key(&path) {
             ops.push(Op::Delete { key: path.clone() });
-        }
-        if let Some(a) = &attrs {
-            let mut a = (**a).clone();
-            a.ctime = now;
-            if others.len() == 1 {
-                a.link_id = 0; // one name left: an ordinary file again
-            }
-            ops.extend(others.iter().map(|k| Op::SetAttrs {
-                key: k.clone(),
-                attrs: a.clone(),
-            }));
         }
         self.db.write(ops)?;
         self.wrote();
@@ -585,6 +564,34 @@ impl S4Fs {
             }
         }
         Ok(())
+    }
+
+    /// Before name `path` goes (unlink, or a rename over it): the other
+    /// names of its hard-linked file, and the changes that give them one
+    /// link fewer (a new ctime; a last name is an ordinary file again).
+    pub(super) fn remaining_names(&self, path: &str, now: SystemTime) -> (Vec<String>, Vec<Op>) {
+        let Some(a) = self.db.attrs(path).filter(|a| a.link_id != 0) else {
+            return (Vec::new(), Vec::new());
+        };
+        let others: Vec<String> = self
+            .db
+            .link_members(a.link_id)
+            .into_iter()
+            .filter(|k| k != path)
+            .collect();
+        let mut a = (*a).clone();
+        a.ctime = now;
+        if others.len() == 1 {
+            a.link_id = 0;
+        }
+        let ops = others
+            .iter()
+            .map(|k| Op::SetAttrs {
+                key: k.clone(),
+                attrs: a.clone(),
+            })
+            .collect();
+        (others, ops)
     }
 
     /// The file at `path` is gone (unlinked or replaced): an open copy of it
@@ -770,9 +777,15 @@ impl S4Fs {
                 ops.push(Op::Delete { key: f.clone() });
             }
         }
+        let mut dst_others = Vec::new();
         if dst == Some(NodeKind::File) {
-            self.drop_open_file(&to);
-            self.detach(&to);
+            let (others, more) = self.remaining_names(&to, now);
+            ops.extend(more);
+            if others.is_empty() {
+                self.drop_open_file(&to);
+                self.detach(&to);
+            }
+            dst_others = others;
         }
         if src == NodeKind::Dir {
             // Explicit directories move along; the directory itself stays
@@ -823,7 +836,13 @@ impl S4Fs {
                 }
             }
         }
-        lock(&self.inodes).rename(&from, &to);
+        let mut inodes = lock(&self.inodes);
+        let replaced = inodes.ino_of(&to);
+        inodes.rename(&from, &to);
+        if let (Some(ino), Some(other)) = (replaced, dst_others.first()) {
+            inodes.repoint(ino, other);
+        }
+        drop(inodes);
         self.wrote();
         Ok(())
     }
