@@ -51,6 +51,9 @@ pub enum Corruption {
     TrailingBytes(u64),
     #[error("entry holds key {found:?}, expected {expected:?}")]
     WrongKey { expected: String, found: String },
+    /// A side object (e.g. the attribute object) whose contents make no sense.
+    #[error("{0}")]
+    Malformed(String),
 }
 
 /// A decoding failure, naming the object and the byte offset where it happened.

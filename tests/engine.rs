@@ -130,7 +130,7 @@ async fn values_round_trip_through_upload_and_reopen() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fresh_open_touches_no_local_directory_and_needs_one_get() {
+async fn a_fresh_open_touches_no_local_directory_and_needs_two_gets() {
     let b = Backend::local();
     let faulty = Arc::new(FaultStore::new(b.store.clone()));
     let dir = tempfile::tempdir().unwrap();
@@ -138,7 +138,14 @@ async fn a_fresh_open_touches_no_local_directory_and_needs_one_get() {
     let db = S4db::open(faulty.clone(), "p", with_dir(&local))
         .await
         .unwrap();
-    assert_eq!(faulty.calls(), vec![(Op::Get, "p/index.idx".to_string())]);
+    // The index, then the attribute object: attributes at least as new as the entries.
+    assert_eq!(
+        faulty.calls(),
+        vec![
+            (Op::Get, "p/index.idx".to_string()),
+            (Op::Get, "p/s4db.attrs".to_string())
+        ]
+    );
     assert!(!local.exists(), "open must not create the local directory");
     db.put([("k", text("v"))]).unwrap();
     assert!(local.exists());

@@ -138,6 +138,10 @@ impl Attrs {
 pub struct AttrRecord {
     /// The entry (version of the value) these attributes describe.
     pub loc: Location,
+    /// The entry's CRC-32 (its last 4 bytes) when known: it lets the record
+    /// follow its entry when another writer copies the entry unchanged to a
+    /// new place (the Python package's compaction).
+    pub crc: Option<u32>,
     pub attrs: Arc<Attrs>,
 }
 
@@ -163,15 +167,94 @@ pub struct AttrTable {
     pub dirs: BTreeMap<Key, Arc<Attrs>>,
     /// Hard-link groups: link id → the keys whose record carries it.
     pub links: HashMap<u64, BTreeSet<Key>>,
+    /// Records of other entries of a key than the one in `files`: the entry
+    /// the committed index names while a commit that replaces it is in
+    /// flight, or another writer's entry that its commit has not published
+    /// yet. Kept (and written to the attribute object) until they are
+    /// provably stale.
+    pub spare: HashMap<Key, Vec<AttrRecord>>,
 }
 
 impl AttrTable {
     /// The record of `key` if it describes the entry at `loc`.
     pub fn file_at(&self, key: &str, loc: Location) -> Option<&Arc<Attrs>> {
+        self.record_at(key, loc).map(|r| &r.attrs)
+    }
+
+    /// The record of `key` for the entry at `loc`, selected or spare.
+    pub fn record_at(&self, key: &str, loc: Location) -> Option<&AttrRecord> {
+        match self.files.get(key) {
+            Some(r) if same_entry(r.loc, loc) => Some(r),
+            _ => self.spare.get(key)?.iter().find(|r| same_entry(r.loc, loc)),
+        }
+    }
+
+    /// Every record of `key` (selected first, then spare).
+    pub fn records_of<'a>(&'a self, key: &str) -> impl Iterator<Item = &'a AttrRecord> + 'a {
         self.files
             .get(key)
-            .filter(|r| same_entry(r.loc, loc))
-            .map(|r| &r.attrs)
+            .into_iter()
+            .chain(self.spare.get(key).into_iter().flatten())
+    }
+
+    /// Builds a table from decoded records (several per key possible): per
+    /// key, the record of the entry `current` names is selected, else the
+    /// last one; the others are spare.
+    pub fn from_records(
+        files: Vec<(String, AttrRecord)>,
+        dirs: Vec<(String, Arc<Attrs>)>,
+        current: impl Fn(&str) -> Option<Location>,
+    ) -> AttrTable {
+        let mut t = AttrTable::default();
+        let mut by_key: HashMap<Key, Vec<AttrRecord>> = HashMap::new();
+        for (key, rec) in files {
+            by_key.entry(key.as_str().into()).or_default().push(rec);
+        }
+        for (k, mut recs) in by_key {
+            let now = current(&k);
+            let pick = recs
+                .iter()
+                .rposition(|r| now.is_some_and(|l| same_entry(l, r.loc)))
+                .unwrap_or(recs.len() - 1);
+            let sel = recs.swap_remove(pick);
+            recs.retain(|r| !same_entry(r.loc, sel.loc));
+            recs.sort_by_key(|r| (r.loc.file_id, r.loc.offset));
+            recs.dedup_by(|a, b| same_entry(a.loc, b.loc));
+            if !recs.is_empty() {
+                t.spare.insert(k.clone(), recs);
+            }
+            t.files.insert(k, sel);
+        }
+        t.dirs = dirs.into_iter().map(|(p, a)| (p.into(), a)).collect();
+        t.reindex_links();
+        t
+    }
+
+    /// Selects each key's record again against `current` (after the index
+    /// was replaced wholesale, e.g. rebuilt).
+    pub fn reselect(&mut self, current: impl Fn(&str) -> Option<Location>) {
+        let files = std::mem::take(&mut self.files);
+        let spare = std::mem::take(&mut self.spare);
+        let records = files
+            .into_iter()
+            .map(|(k, r)| (k.to_string(), r))
+            .chain(
+                spare
+                    .into_iter()
+                    .flat_map(|(k, v)| v.into_iter().map(move |r| (k.to_string(), r))),
+            )
+            .collect();
+        let dirs = std::mem::take(&mut self.dirs);
+        *self = AttrTable::from_records(records, Vec::new(), current);
+        self.dirs = dirs;
+    }
+
+    /// Drops spare records for which `keep` says no.
+    pub fn prune_spare(&mut self, mut keep: impl FnMut(&str, &AttrRecord) -> bool) {
+        self.spare.retain(|k, v| {
+            v.retain(|r| keep(k, r));
+            !v.is_empty()
+        });
     }
 
     /// The current value of `k`, as a change (for journaling its undo).
@@ -202,6 +285,12 @@ impl AttrTable {
         let old = match rec {
             Some(r) => {
                 let link = r.attrs.link_id;
+                if let Some(spare) = self.spare.get_mut(key) {
+                    spare.retain(|s| !same_entry(s.loc, r.loc));
+                    if spare.is_empty() {
+                        self.spare.remove(key);
+                    }
+                }
                 let old = self.files.insert(key.into(), r);
                 if link != 0 {
                     self.links.entry(link).or_default().insert(key.into());
@@ -212,6 +301,10 @@ impl AttrTable {
         };
         if let Some(old) = old {
             let new_link = self.files.get(key).map_or(0, |r| r.attrs.link_id);
+            let replaced = self
+                .files
+                .get(key)
+                .is_none_or(|r| !same_entry(r.loc, old.loc));
             let old_link = old.attrs.link_id;
             if old_link != 0 && old_link != new_link {
                 if let Some(members) = self.links.get_mut(&old_link) {
@@ -220,6 +313,11 @@ impl AttrTable {
                         self.links.remove(&old_link);
                     }
                 }
+            }
+            // The replaced record may still describe the entry the committed
+            // index names (until this change commits): keep it aside.
+            if replaced {
+                self.spare.entry(key.into()).or_default().push(old);
             }
         }
     }
@@ -265,6 +363,7 @@ pub enum Op {
 pub(crate) fn set_record(state: &mut State, key: &str, loc: Location, attrs: Attrs) {
     let rec = AttrRecord {
         loc,
+        crc: state.entry_crc(key, loc),
         attrs: Arc::new(attrs),
     };
     state.record_attr(AttrKey::File(key.to_string()), AttrChange::File(Some(rec)));
@@ -354,6 +453,11 @@ impl S4db {
             let (AttrKey::File(key) | AttrKey::Dir(key)) = k;
             super::validate_key(key)?;
         }
+        if !after.is_empty() {
+            // The local directory holds the journal that keeps these changes
+            // across a crash until they are uploaded.
+            self.local_dir()?;
+        }
         let missing = std::cell::RefCell::new(None);
         let placed = self.apply_with(items, |state, placed| {
             for (i, k, attrs) in after {
@@ -380,6 +484,9 @@ impl S4db {
                 "cannot set attributes of {key:?}: no such key"
             )));
         }
-        Ok(slot.into_iter().map(|s| s.and_then(|j| placed[j])).collect())
+        Ok(slot
+            .into_iter()
+            .map(|s| s.and_then(|j| placed[j]))
+            .collect())
     }
 }

@@ -1,11 +1,29 @@
-//! Upload: publish new data files, then commit the index (FORMAT.md, "Commit protocol").
+//! Upload: publish new data files, then the attribute object, then commit
+//! the index (FORMAT.md, "Commit protocol").
 //!
 //! An upload seals the active file, so every data file is uploaded exactly
 //! once: an upload transfers only the bytes written since the last one. The
 //! index PUT is a compare-and-swap on the ETag we loaded; when another writer
 //! committed first we take its index, put our uncommitted writes back on top
 //! (last writer wins per key) and try again.
+//!
+//! Attributes go first. When attribute changes are in flight, each attempt
+//! PUTs `<prefix>s4db.attrs` with `If-Match` on the ETag it was loaded with
+//! (`If-None-Match: *` when there was none); on a conflict it GETs the
+//! winner's object, puts this instance's attribute changes back on top (last
+//! writer wins per record) and tries again. Then the index, as above; on an
+//! index conflict both objects are fetched (index first) and rebased. When
+//! only attributes changed the index PUT is skipped: a chmod costs one PUT.
+//!
+//! Why this order is safe: a reader GETs the index and then the attribute
+//! object, so it always sees attributes at least as new as the entries it
+//! reads. Records are bound to entries (file id and offset), so a record
+//! written ahead of a commit that is then lost can never attach to another
+//! version of a value; and while a commit is in flight the object keeps the
+//! records of the entries the committed index still names, so a reader of
+//! the older index (or a commit that never lands) keeps its attributes too.
 
+use super::attr_codec::ATTRS_NAME;
 use super::state::OwnFile;
 use super::S4db;
 use crate::error::{Error, Result};
@@ -26,6 +44,8 @@ pub struct UploadReport {
     pub committed: bool,
     /// How many times the commit rebased onto another writer's index.
     pub rebases: u32,
+    /// Whether the attribute object was committed.
+    pub attrs_committed: bool,
 }
 
 impl S4db {
@@ -53,6 +73,9 @@ impl S4db {
             let journal = std::mem::take(&mut state.journal);
             state.inflight.extend(journal);
             state.before_upload = Some(HashMap::new());
+            let attr_journal = std::mem::take(&mut state.attr_journal);
+            state.attr_inflight.extend(attr_journal);
+            state.attr_before_upload = Some(HashMap::new());
             let files: Vec<(u64, OwnFile)> = state
                 .files
                 .iter()
@@ -64,11 +87,15 @@ impl S4db {
         let result = self.publish(files, local.as_deref()).await;
         let mut state = self.state();
         state.before_upload = None;
+        state.attr_before_upload = None;
         match result {
             Ok(report) => {
                 state.inflight.clear();
+                state.attr_inflight.clear();
                 state.index_rewritten = false;
+                state.prune_attrs();
                 state.save_pending_list()?;
+                state.rewrite_attr_log()?;
                 Ok(report)
             }
             Err(e) => {
@@ -76,6 +103,10 @@ impl S4db {
                 let inflight = std::mem::take(&mut state.inflight);
                 for (k, c) in inflight {
                     state.journal.entry(k).or_insert(c);
+                }
+                let inflight = std::mem::take(&mut state.attr_inflight);
+                for (k, c) in inflight {
+                    state.attr_journal.entry(k).or_insert(c);
                 }
                 Err(e)
             }
@@ -125,7 +156,7 @@ impl S4db {
                 report.bytes += size;
             }
         }
-        report.rebases = self.commit_index().await?;
+        (report.rebases, report.attrs_committed) = self.commit_index().await?;
         report.committed = true;
         Ok(report)
     }
@@ -150,13 +181,60 @@ impl S4db {
         }
     }
 
-    /// PUTs the committed image of the index; on conflict rebases and retries.
-    async fn commit_index(&self) -> Result<u32> {
+    /// PUTs the attribute object (when attribute changes are in flight) and
+    /// then the committed image of the index (unless only attributes
+    /// changed); on conflict rebases and retries. Returns the rebases and
+    /// whether the attribute object was committed.
+    async fn commit_index(&self) -> Result<(u32, bool)> {
         let index_key = self.object_key(INDEX_NAME);
+        let attrs_key = self.object_key(ATTRS_NAME);
         let attempts = self.inner.opts.rebase_attempts.max(1);
+        let mut attrs_done = false;
         for attempt in 0..attempts {
+            let attr_put = {
+                let state = self.state();
+                (!attrs_done && !state.attr_inflight.is_empty()).then(|| {
+                    let inflight = &state.inflight;
+                    let generation = state.attrs_generation + 1;
+                    let bytes =
+                        state.encode_attr_image(&|k: &str| inflight.contains_key(k), generation);
+                    (bytes, self.index_condition(&state.attrs_etag), generation)
+                })
+            };
+            if let Some((bytes, condition, generation)) = attr_put {
+                match self
+                    .inner
+                    .store
+                    .put(&attrs_key, bytes.into(), condition)
+                    .await
+                {
+                    Ok(etag) => {
+                        let mut state = self.state();
+                        state.attrs_etag = Some(etag);
+                        state.attrs_generation = generation;
+                        attrs_done = true;
+                        if !self.inner.opts.fenced {
+                            tracing::warn!("unfenced commit of {attrs_key}: a concurrent writer's attribute changes may have been overwritten");
+                        }
+                    }
+                    Err(StoreError::Conflict { .. }) => {
+                        let (table, etag, generation) = self.fetch_attrs().await?;
+                        self.state().rebase_attrs(table, etag, generation);
+                        tracing::info!(
+                            "{attrs_key}: another writer committed first; rebased (attempt {})",
+                            attempt + 1
+                        );
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
             let (bytes, condition, rewritten) = {
                 let state = self.state();
+                if state.inflight.is_empty() && !state.index_rewritten {
+                    // Only attributes changed: the committed index stays as it is.
+                    return Ok((attempt, attrs_done));
+                }
                 let condition = self.index_condition(&state.index_etag);
                 (
                     state.encode_committed_image(),
@@ -175,7 +253,7 @@ impl S4db {
                     if !self.inner.opts.fenced {
                         tracing::warn!("unfenced commit of {index_key}: a concurrent writer's commit may have been overwritten");
                     }
-                    return Ok(attempt);
+                    return Ok((attempt, attrs_done));
                 }
                 Err(StoreError::Conflict { .. }) if rewritten => {
                     return Err(Error::Conflict(format!(
@@ -185,6 +263,8 @@ impl S4db {
                 Err(StoreError::Conflict { .. }) => {
                     let (remote, etag) = self.fetch_index().await?;
                     self.state().rebase(remote, etag);
+                    let (table, etag, generation) = self.fetch_attrs().await?;
+                    self.state().rebase_attrs(table, etag, generation);
                     tracing::info!(
                         "{index_key}: another writer committed first; rebased (attempt {})",
                         attempt + 1

@@ -1,5 +1,6 @@
 //! Whole-database operations: download, compact, rebuild_index and gc.
 
+use super::attrs::{AttrChange, AttrKey, AttrRecord};
 use super::state::{OwnFile, State};
 use super::S4db;
 use crate::error::{Error, Result};
@@ -130,17 +131,25 @@ impl S4db {
                 }));
             }
         }
-        let mut state = self.state();
-        for id in &discard {
-            state.files.remove(id);
-            local.remove(*id)?;
+        {
+            let mut state = self.state();
+            for id in &discard {
+                state.files.remove(id);
+                local.remove(*id)?;
+            }
+            state.active = None;
+            state.journal.clear();
+            state.index_rewritten = false;
+            state.index = index;
+            state.index_etag = etag;
+            state.save_pending_list()?;
         }
-        state.active = None;
-        state.journal.clear();
-        state.index_rewritten = false;
-        state.index = index;
-        state.index_etag = etag;
-        state.save_pending_list()?;
+        let (table, attrs_etag, generation) = self.fetch_attrs().await?;
+        let mut state = self.state();
+        state.attr_journal.clear();
+        state.attr_inflight.clear();
+        state.rebase_attrs(table, attrs_etag, generation);
+        state.rewrite_attr_log()?;
         let snapshot = state.index.encode();
         drop(state);
         local.write_atomic(&local.path().join(INDEX_NAME), &snapshot)
@@ -156,12 +165,18 @@ impl S4db {
     /// when another writer committed during compaction (retry later).
     pub async fn compact(&self) -> Result<CompactReport> {
         let _serial = self.inner.maintenance.lock().await;
-        let (snapshot, etag) = {
+        let (snapshot, etag, mut new_attrs, attrs_etag, attrs_generation) = {
             let state = self.state();
             if state.has_unsynced() {
                 return Err(Error::Unsynced("upload before compacting".into()));
             }
-            (state.index.clone(), state.index_etag.clone())
+            (
+                state.index.clone(),
+                state.index_etag.clone(),
+                state.attrs.clone(),
+                state.attrs_etag.clone(),
+                state.attrs_generation,
+            )
         };
         // Group live entries by file, in file order, each file's in offset order.
         let mut by_file: BTreeMap<u64, Vec<(u64, u32, &str)>> = BTreeMap::new();
@@ -260,6 +275,37 @@ impl S4db {
             p.finish();
         }
 
+        // Every record follows its key to the key's new entry (same bytes, so
+        // the same CRC). The object keeps the old records too until the new
+        // index is committed: readers of the old index keep their attributes.
+        for (key, new_loc) in &new_index.entries {
+            let Some(old) = snapshot.entries.get(key) else {
+                continue;
+            };
+            if let Some(r) = new_attrs.record_at(key, *old).cloned() {
+                let rec = AttrRecord {
+                    loc: *new_loc,
+                    crc: r.crc,
+                    attrs: r.attrs,
+                };
+                new_attrs.apply(
+                    &AttrKey::File(key.to_string()),
+                    &AttrChange::File(Some(rec)),
+                );
+            }
+        }
+        let attrs_put =
+            (attrs_etag.is_some() || !new_attrs.files.is_empty() || !new_attrs.dirs.is_empty())
+                .then(|| {
+                    let files = new_attrs.files.iter().map(|(k, r)| (k.as_str(), r)).chain(
+                        new_attrs
+                            .spare
+                            .iter()
+                            .flat_map(|(k, v)| v.iter().map(move |r| (k.as_str(), r))),
+                    );
+                    let dirs = new_attrs.dirs.iter().map(|(p, a)| (p.as_str(), &**a));
+                    super::attr_codec::encode_object(attrs_generation + 1, files, dirs)
+                });
         let publish = async {
             for (id, _) in &new_files {
                 let key = self.object_key(&data_file_name(*id));
@@ -270,17 +316,26 @@ impl S4db {
                     .await?;
                 self.publish_hints(*id, &local).await;
             }
+            // Attributes first, as in every commit.
+            let attrs_etag = match attrs_put {
+                Some(bytes) => {
+                    let condition = self.index_condition(&attrs_etag);
+                    let key = self.object_key(super::attr_codec::ATTRS_NAME);
+                    Some(self.inner.store.put(&key, bytes.into(), condition).await?)
+                }
+                None => None,
+            };
             let condition = self.index_condition(&etag);
             let index_key = self.object_key(INDEX_NAME);
-            Ok::<_, Error>(
-                self.inner
-                    .store
-                    .put(&index_key, new_index.encode().into(), condition)
-                    .await?,
-            )
+            let index_etag = self
+                .inner
+                .store
+                .put(&index_key, new_index.encode().into(), condition)
+                .await?;
+            Ok::<_, Error>((index_etag, attrs_etag))
         };
         let keys = new_index.entries.len();
-        let new_etag = match publish.await {
+        let (new_etag, new_attrs_etag) = match publish.await {
             Ok(e) => e,
             Err(e) => {
                 // Nothing committed: drop the replacement files (best effort; gc gets the rest).
@@ -319,6 +374,17 @@ impl S4db {
             }
             state.index = view;
             state.index_etag = Some(new_etag);
+            if let Some(attrs_etag) = new_attrs_etag {
+                // The old files are dead now: so are their records.
+                let old: HashSet<u64> = by_file.keys().copied().collect();
+                new_attrs.prune_spare(|_, r| !old.contains(&r.loc.file_id));
+                for (k, c) in &state.attr_journal {
+                    new_attrs.apply(k, c);
+                }
+                state.attrs = new_attrs;
+                state.attrs_etag = Some(attrs_etag);
+                state.attrs_generation = attrs_generation + 1;
+            }
         }
         // Only now is it safe to delete what the old index referenced, and the
         // other files this instance published: all their entries are dead now,
@@ -516,6 +582,9 @@ fn replay_order(
 
 fn install_rebuilt(state: &mut State, index: Index, unpublished: &[u64]) {
     state.index = index;
+    // Records stay valid where the rebuilt index names the entries they describe.
+    let entries = &state.index.entries;
+    state.attrs.reselect(|k| entries.get(k).copied());
     state.journal.clear();
     state.inflight.clear();
     state.active = None;

@@ -6,6 +6,8 @@
 //! (upload, download, compact, rebuild, gc) is serialized by an async mutex of
 //! its own and never blocks writers across network I/O.
 
+pub mod attr_codec;
+mod attr_store;
 pub mod attrs;
 mod commit;
 mod hints;
@@ -120,6 +122,14 @@ pub struct Stats {
     /// Data files written here and not uploaded yet.
     pub unpublished_files: usize,
     pub fenced: bool,
+    /// Keys whose current value has attributes (the others show defaults).
+    pub keys_with_attrs: usize,
+    /// Explicit directories (with attributes).
+    pub dirs_with_attrs: usize,
+    /// Attribute changes made here and not committed yet.
+    pub unsynced_attr_changes: usize,
+    /// ETag of the attribute object this view came from.
+    pub attrs_etag: Option<String>,
 }
 
 /// An open database. Cloning is cheap and shares everything.
@@ -260,6 +270,7 @@ impl S4db {
             }
             Some(FetchedIndex { index: Err(e), .. }) => return Err(e.into()),
         };
+        let fetched_attrs = attr_store::fetch_attr_object(store.as_ref(), &prefix).await?;
         let writer_id = loop {
             let id: u32 = rand::random();
             if id != 0 {
@@ -277,12 +288,16 @@ impl S4db {
                 index_fetched_at,
             }),
         };
+        let (table, etag, generation) = db.load_attrs(fetched_attrs).await;
+        db.state().rebase_attrs(table, etag, generation);
         if let Some(dir) = &db.inner.opts.local_dir {
             if dir.exists() {
                 let local = Arc::new(LocalDir::open(dir)?);
                 let mut state = db.state();
                 state.local = Some(local.clone());
                 recovery::replay_pending(&mut state, &local)?;
+                recovery::replay_attr_log(&mut state, &local)?;
+                state.rewrite_attr_log()?;
             }
         }
         Ok(db)
@@ -323,6 +338,7 @@ impl S4db {
             None => LocalDir::temporary()?,
         });
         state.local = Some(local.clone());
+        state.rewrite_attr_log()?;
         Ok(local)
     }
 
@@ -445,6 +461,7 @@ impl S4db {
         let placed: Vec<Option<Location>> =
             slot_of.into_iter().map(|s| s.map(|i| placed[i])).collect();
         after(&mut state, &placed);
+        state.flush_attr_log();
         Ok(placed)
     }
 
@@ -472,6 +489,7 @@ impl S4db {
         let placed = self.append_locked(&mut state, &buf, spans)?;
         let placed: Vec<Option<Location>> = placed.into_iter().map(Some).collect();
         after(&mut state, &placed);
+        state.flush_attr_log();
         Ok(placed)
     }
 
@@ -525,6 +543,7 @@ impl S4db {
         if let Some(a) = attrs {
             attrs::set_record(&mut state, key, loc, a);
         }
+        state.flush_attr_log();
         Ok(loc)
     }
 
@@ -722,17 +741,35 @@ impl S4db {
     /// whether anything changed.
     pub async fn refresh(&self) -> Result<bool> {
         let (index, etag) = self.fetch_index().await?;
-        let mut state = self.state();
-        if state.index_etag == etag {
-            return Ok(false);
+        let mut changed = false;
+        {
+            let mut state = self.state();
+            if state.index_etag != etag {
+                if state.index_rewritten {
+                    return Err(Error::Conflict(
+                        "the index was rebuilt here and someone committed meanwhile; upload the rebuild or run it again".into(),
+                    ));
+                }
+                state.rebase(index, etag);
+                changed = true;
+            }
         }
-        if state.index_rewritten {
-            return Err(Error::Conflict(
-                "the index was rebuilt here and someone committed meanwhile; upload the rebuild or run it again".into(),
-            ));
+        // Then the attributes (another writer may have changed only those).
+        let fetched =
+            attr_store::fetch_attr_object(self.inner.store.as_ref(), self.prefix()).await?;
+        let same = match &fetched {
+            attr_store::FetchedAttrs::Absent => self.state().attrs_etag.is_none(),
+            attr_store::FetchedAttrs::Corrupt { etag, .. }
+            | attr_store::FetchedAttrs::Found { etag, .. } => {
+                self.state().attrs_etag.as_deref() == Some(etag.as_str())
+            }
+        };
+        if !same || changed {
+            let (table, etag, generation) = self.load_attrs(fetched).await;
+            self.state().rebase_attrs(table, etag, generation);
+            changed |= !same;
         }
-        state.rebase(index, etag);
-        Ok(true)
+        Ok(changed)
     }
 
     /// Reads and decodes the entry at `loc`, checking that it holds `key`:
@@ -925,6 +962,10 @@ impl S4db {
                 .sync_all()
                 .map_err(|e| Error::io("sync", local.file_path(active.id), e))?;
         }
+        if let Some(log) = &state.attr_log {
+            log.sync_all()
+                .map_err(|e| Error::io("sync", local.path().join(attr_codec::JOURNAL_NAME), e))?;
+        }
         let snapshot = state.index.encode();
         drop(state);
         local.write_atomic(&local.path().join(INDEX_NAME), &snapshot)?;
@@ -938,6 +979,8 @@ impl S4db {
     pub async fn discard_own_unsynced(&self) -> Result<()> {
         let _serial = self.inner.maintenance.lock().await;
         let (index, etag) = self.fetch_index().await?;
+        let fetched =
+            attr_store::fetch_attr_object(self.inner.store.as_ref(), self.prefix()).await?;
         let mut state = self.state();
         let Some(local) = state.local.clone() else {
             return Ok(());
@@ -955,10 +998,22 @@ impl S4db {
         // Start over from the store and replay what earlier processes left.
         state.journal.clear();
         state.inflight.clear();
+        state.attr_journal.clear();
+        state.attr_inflight.clear();
         state.index = index;
         state.index_etag = etag;
         state.save_pending_list()?;
-        recovery::replay_pending(&mut state, &local)
+        drop(state);
+        let (table, attrs_etag, generation) = self.load_attrs(fetched).await;
+        let mut state = self.state();
+        state.attr_journal.clear();
+        state.rebase_attrs(table, attrs_etag, generation);
+        // Replay what earlier processes left; the journal's records of the
+        // discarded entries no longer match any key and are skipped.
+        state.attr_log = None;
+        recovery::replay_pending(&mut state, &local)?;
+        recovery::replay_attr_log(&mut state, &local)?;
+        state.rewrite_attr_log()
     }
 
     /// Whether there are writes that are not committed to the store.
@@ -983,6 +1038,21 @@ impl S4db {
             unsynced_changes: state.journal.len() + state.inflight.len(),
             unpublished_files: state.files.values().filter(|f| !f.published).count(),
             fenced: self.inner.opts.fenced,
+            keys_with_attrs: state
+                .attrs
+                .files
+                .iter()
+                .filter(|(k, r)| {
+                    state
+                        .index
+                        .entries
+                        .get(k.as_str())
+                        .is_some_and(|l| attrs::same_entry(*l, r.loc))
+                })
+                .count(),
+            dirs_with_attrs: state.attrs.dirs.len(),
+            unsynced_attr_changes: state.attr_journal.len() + state.attr_inflight.len(),
+            attrs_etag: state.attrs_etag.clone(),
         }
     }
 

@@ -78,3 +78,48 @@ pub(crate) fn replay_pending(state: &mut State, local: &LocalDir) -> Result<()> 
     }
     state.save_pending_list()
 }
+
+/// Replays `<local_dir>/attrs.journal` (after [`replay_pending`]): the
+/// attribute changes an earlier process made and did not commit. A key's
+/// record applies only if its entry is the key's current one after replay
+/// (otherwise the value it described is gone or was never committed); a
+/// torn tail is ignored.
+pub(crate) fn replay_attr_log(state: &mut State, local: &LocalDir) -> Result<()> {
+    use super::attrs::{same_entry, AttrChange, AttrKey};
+    let path = local.path().join(super::attr_codec::JOURNAL_NAME);
+    let data = match std::fs::read(&path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("read", &path, e)),
+    };
+    let (changes, valid) = super::attr_codec::decode_journal(&data);
+    if valid < data.len() {
+        tracing::warn!(
+            "{}: ignoring a torn tail of {} bytes",
+            path.display(),
+            data.len() - valid
+        );
+    }
+    let mut applied = 0usize;
+    for (k, change) in changes {
+        let applies = match (&k, &change) {
+            (AttrKey::File(key), AttrChange::File(Some(rec))) => state
+                .index
+                .entries
+                .get(key.as_str())
+                .is_some_and(|l| same_entry(*l, rec.loc)),
+            _ => true,
+        };
+        if applies {
+            state.record_attr(k, change);
+            applied += 1;
+        }
+    }
+    if applied > 0 {
+        tracing::info!(
+            "replayed {applied} unsynced attribute changes from {}",
+            path.display()
+        );
+    }
+    Ok(())
+}

@@ -61,6 +61,12 @@ pub(crate) struct State {
     /// During an upload: the committed-image value of attribute records the
     /// journal changed.
     pub attr_before_upload: Option<HashMap<AttrKey, AttrChange>>,
+    /// Generation of the attribute object the committed layer came from.
+    pub attrs_generation: u64,
+    /// `<local_dir>/attrs.journal`, open for appending, and the changes
+    /// recorded since its last write (one `write` per batch).
+    pub attr_log: Option<File>,
+    pub attr_log_buf: Vec<u8>,
 }
 
 impl State {
@@ -81,6 +87,9 @@ impl State {
             attr_journal: HashMap::new(),
             attr_inflight: HashMap::new(),
             attr_before_upload: None,
+            attrs_generation: 0,
+            attr_log: None,
+            attr_log_buf: Vec::new(),
         }
     }
 
@@ -97,16 +106,17 @@ impl State {
         // The key's attributes follow it to its new entry (our own writers
         // keep them, with the content times of the write); a delete drops them.
         let carried = match (old, change) {
-            (Some(old), Some(new)) => self.attrs.file_at(&key, old).map(|a| {
-                let mut a = (**a).clone();
+            (Some(old), Some(new)) => self.attrs.file_at(&key, old).cloned().map(|a| {
+                let mut a = (*a).clone();
                 let now = std::time::SystemTime::now();
                 (a.mtime, a.ctime) = (now, now);
                 Some(AttrRecord {
                     loc: new,
+                    crc: self.entry_crc(&key, new),
                     attrs: Arc::new(a),
                 })
             }),
-            (Some(_), None) => Some(None),
+            (Some(_), None) if self.attrs.files.contains_key(key.as_str()) => Some(None),
             _ => None,
         };
         if let Some(rec) = carried {
@@ -122,8 +132,197 @@ impl State {
                 before.insert(k.clone(), self.attrs.get(&k));
             }
         }
+        if self.attr_log.is_some() {
+            super::attr_codec::encode_change(&mut self.attr_log_buf, &k, &change);
+        }
         self.attrs.apply(&k, &change);
         self.attr_journal.insert(k, change);
+    }
+
+    /// The CRC of the entry of `key` at `loc`: from a record of that entry,
+    /// else its last 4 bytes in the local data file (`None` when the entry
+    /// is not local: only another writer's entry can be remote-only).
+    pub fn entry_crc(&self, key: &str, loc: Location) -> Option<u32> {
+        if let Some(crc) = self.attrs.record_at(key, loc).and_then(|r| r.crc) {
+            return Some(crc);
+        }
+        let local = self.local.as_ref()?;
+        let end = (loc.offset + loc.length as u64).checked_sub(4)?;
+        let bytes = local.read_at(loc.file_id, end, 4).ok()??;
+        Some(u32::from_be_bytes(bytes[..4].try_into().ok()?))
+    }
+
+    /// Writes the attribute changes recorded since the last call to the
+    /// local journal (one `write`; the page cache survives a killed process).
+    pub fn flush_attr_log(&mut self) {
+        if self.attr_log_buf.is_empty() {
+            return;
+        }
+        let Some(log) = self.attr_log.as_mut() else {
+            self.attr_log_buf.clear();
+            return;
+        };
+        use std::io::Write;
+        if let Err(e) = log.write_all(&self.attr_log_buf) {
+            tracing::error!(
+                "appending to the attribute journal: {e}; attribute changes not uploaded yet \
+                 will not survive a crash of this process"
+            );
+        }
+        self.attr_log_buf.clear();
+    }
+
+    /// Rewrites the local attribute journal to hold exactly the changes not
+    /// committed yet (journal and in-flight ones), and opens it for appending.
+    pub fn rewrite_attr_log(&mut self) -> crate::error::Result<()> {
+        let Some(local) = self.local.clone() else {
+            return Ok(());
+        };
+        let mut buf = Vec::new();
+        for (k, c) in &self.attr_inflight {
+            if !self.attr_journal.contains_key(k) {
+                super::attr_codec::encode_change(&mut buf, k, c);
+            }
+        }
+        for (k, c) in &self.attr_journal {
+            super::attr_codec::encode_change(&mut buf, k, c);
+        }
+        let path = local.path().join(super::attr_codec::JOURNAL_NAME);
+        local.write_atomic(&path, &buf)?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|e| crate::error::Error::io("open", &path, e))?;
+        self.attr_log = Some(file);
+        self.attr_log_buf.clear();
+        Ok(())
+    }
+
+    /// Adopts `remote` (a newer attribute object) as the committed layer,
+    /// with our in-flight and journaled changes on top; last writer wins per
+    /// record, as [`State::rebase`] does for the index.
+    pub fn rebase_attrs(&mut self, remote: AttrTable, etag: Option<String>, generation: u64) {
+        let mut t = remote;
+        for (k, c) in &self.attr_inflight {
+            t.apply(k, c);
+        }
+        if self.attr_before_upload.is_some() {
+            self.attr_before_upload = Some(
+                self.attr_journal
+                    .keys()
+                    .map(|k| (k.clone(), t.get(k)))
+                    .collect(),
+            );
+        }
+        for (k, c) in &self.attr_journal {
+            t.apply(k, c);
+        }
+        self.attrs = t;
+        self.attrs_etag = etag;
+        self.attrs_generation = generation;
+    }
+
+    /// Where the running upload's index image puts `key`.
+    fn image_loc(&self, key: &str) -> Option<Location> {
+        match self.before_upload.as_ref().and_then(|b| b.get(key)) {
+            Some(was) => *was,
+            None => self.index.entries.get(key).copied(),
+        }
+    }
+
+    /// Serializes the attribute object the running upload publishes: the
+    /// visible table with the journal's changes taken back out, and only the
+    /// records that may still matter. A record is dropped when its entry's
+    /// file is referenced by the index image (so its commit happened, or
+    /// never will for that entry), its key points elsewhere in the image, and
+    /// the key is not one that `changing` says this commit changes (then the
+    /// index committed now still names the old entry until the commit lands).
+    /// A record in a file the image does not reference is kept: it may be
+    /// another writer's entry whose commit is on its way.
+    pub fn encode_attr_image(&self, changing: &dyn Fn(&str) -> bool, generation: u64) -> Vec<u8> {
+        let referenced = self.referenced_files();
+        let empty = HashMap::new();
+        let overrides = self.attr_before_upload.as_ref().unwrap_or(&empty);
+        let keep = |k: &str, r: &AttrRecord| {
+            self.image_loc(k)
+                .is_some_and(|l| super::attrs::same_entry(l, r.loc))
+                || !referenced.contains(&r.loc.file_id)
+                || changing(k)
+        };
+        let mut files: Vec<(&str, &AttrRecord)> = Vec::new();
+        let keys = self
+            .attrs
+            .files
+            .keys()
+            .chain(self.attrs.spare.keys())
+            .map(|k| k.as_str())
+            .chain(overrides.keys().filter_map(|k| match k {
+                AttrKey::File(f) => Some(f.as_str()),
+                AttrKey::Dir(_) => None,
+            }));
+        let mut seen = std::collections::HashSet::new();
+        for k in keys {
+            if !seen.insert(k) {
+                continue;
+            }
+            let start = files.len();
+            let selected = match overrides.get(&AttrKey::File(k.to_string())) {
+                Some(AttrChange::File(r)) => r.as_ref(),
+                _ => self.attrs.files.get(k),
+            };
+            for r in selected
+                .into_iter()
+                .chain(self.attrs.spare.get(k).into_iter().flatten())
+            {
+                if keep(k, r)
+                    && !files[start..]
+                        .iter()
+                        .any(|(_, o)| super::attrs::same_entry(o.loc, r.loc))
+                {
+                    files.push((k, r));
+                }
+            }
+        }
+        let mut dirs: BTreeMap<&str, &super::attrs::Attrs> = self
+            .attrs
+            .dirs
+            .iter()
+            .map(|(p, a)| (p.as_str(), &**a))
+            .collect();
+        for (k, c) in overrides {
+            if let (AttrKey::Dir(p), AttrChange::Dir(a)) = (k, c) {
+                match a {
+                    Some(a) => dirs.insert(p.as_str(), &**a),
+                    None => dirs.remove(p.as_str()),
+                };
+            }
+        }
+        super::attr_codec::encode_object(generation, files, dirs)
+    }
+
+    /// Data files referenced by the visible index or the upload's image.
+    pub fn referenced_files(&self) -> std::collections::HashSet<u64> {
+        let mut set: std::collections::HashSet<u64> =
+            self.index.entries.values().map(|l| l.file_id).collect();
+        if let Some(b) = &self.before_upload {
+            set.extend(b.values().flatten().map(|l| l.file_id));
+        }
+        set
+    }
+
+    /// After a commit: forgets spare records that can no longer matter (see
+    /// [`State::encode_attr_image`]).
+    pub fn prune_attrs(&mut self) {
+        let referenced = self.referenced_files();
+        let index = &self.index.entries;
+        let journal = &self.journal;
+        self.attrs.prune_spare(|k, r| {
+            index
+                .get(k)
+                .is_some_and(|l| super::attrs::same_entry(*l, r.loc))
+                || !referenced.contains(&r.loc.file_id)
+                || journal.contains_key(k)
+        });
     }
 
     pub fn has_unsynced(&self) -> bool {
