@@ -285,6 +285,31 @@ impl S4Fs {
         Ok(())
     }
 
+    /// A read of the file's value: its atime moves as `relatime` would move
+    /// it (when it is not newer than the last change, or a day old). Only
+    /// files that carry attributes: a read of a Python-written key never
+    /// makes a record, so a read-only walk publishes nothing.
+    pub(super) fn relatime(&self, ino: u64, path: &str, loc: Option<Location>) {
+        let Some(loc) = loc else { return };
+        let Some(a) = self.db.attrs_at(path, loc) else {
+            return;
+        };
+        let now = SystemTime::now();
+        let day = Duration::from_secs(24 * 3600);
+        let stale = a.atime <= a.mtime
+            || a.atime <= a.ctime
+            || now.duration_since(a.atime).is_ok_and(|age| age >= day);
+        let current = self.db.location(path) == Some(loc);
+        if !stale || !current || self.cfg.read_only || lock(&self.detached).contains_key(&ino) {
+            return;
+        }
+        let mut a = (*a).clone();
+        a.atime = now;
+        if let Err(e) = self.set_file_attrs(path, a) {
+            tracing::debug!("atime of {path:?}: {e}");
+        }
+    }
+
     /// The attributes of inode `ino` for the xattr calls.
     async fn xattr_target(&self, ino: u64) -> FsResult<(String, NodeKind, Attrs)> {
         if ino == ROOT_INO {
@@ -308,22 +333,40 @@ impl S4Fs {
         Ok((path, kind, a))
     }
 
+    /// The extended attributes of inode `ino`, without learning its size:
+    /// the kernel asks for `security.capability` before every write.
+    fn xattrs_of(&self, ino: u64) -> FsResult<Option<Arc<Attrs>>> {
+        if ino == ROOT_INO {
+            return Ok(Some(self.dir_attrs_of("")));
+        }
+        if ino == CONTROL_DIR_INO || ControlFile::from_ino(ino).is_some() {
+            return Ok(None);
+        }
+        let (path, kind) = self.node(ino)?;
+        Ok(match kind {
+            NodeKind::Dir => Some(self.dir_attrs_of(&path)),
+            NodeKind::File => {
+                let loc = self.location_of(ino, &path).ok_or(FsError::NotFound)?;
+                self.db.attrs_at(&path, loc)
+            }
+        })
+    }
+
     /// getxattr: the value, or ENODATA.
     pub async fn getxattr(&self, ino: u64, name: &OsStr) -> FsResult<Vec<u8>> {
         let name = name.as_encoded_bytes();
         if check_xattr_name(name).is_err() {
             return Err(FsError::NoXattr);
         }
-        let (_, _, a) = self.xattr_target(ino).await?;
+        let a = self.xattrs_of(ino)?.ok_or(FsError::NoXattr)?;
         a.xattrs.get(name).cloned().ok_or(FsError::NoXattr)
     }
 
     /// listxattr: the names, each followed by a NUL.
     pub async fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
-        if ino == CONTROL_DIR_INO || ControlFile::from_ino(ino).is_some() {
+        let Some(a) = self.xattrs_of(ino)? else {
             return Ok(Vec::new());
-        }
-        let (_, _, a) = self.xattr_target(ino).await?;
+        };
         let mut out = Vec::new();
         for k in a.xattrs.keys() {
             out.extend_from_slice(k);

@@ -262,6 +262,8 @@ impl S4Fs {
                 let mut d = open.data.lock().await;
                 if self.ensure_loaded(*ino, &path, &mut d, false).await? {
                     self.cache_hits.fetch_add(1, Ordering::Relaxed);
+                } else if !d.dirty && !d.unlinked {
+                    self.relatime(*ino, &path, d.base);
                 }
                 let content = d.content.as_ref().expect("loaded");
                 Ok(content.read(offset, size)?)
