@@ -1380,3 +1380,417 @@ fn the_engine_benchmark_script_runs_both_sides() {
         assert!(cells.iter().all(|c| !c.is_empty() && *c != "-"), "{row}");
     }
 }
+
+// ---------------------------------------------------------------- attributes
+
+mod attributes {
+    use super::*;
+    use s4db::db::attrs::{Attrs, FileKind, Op as DbOp};
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    /// Attributes with every field set, a time before 1970 and xattrs.
+    pub(super) fn sample(mode: u16, uid: u32) -> Attrs {
+        let mut a = Attrs::new(FileKind::Regular, mode, uid, 100 + uid);
+        a.atime = UNIX_EPOCH - Duration::new(86_400 * 400, 250_000_000);
+        a.mtime = UNIX_EPOCH + Duration::new(1_600_000_000, 123_456_789);
+        a.ctime = SystemTime::now();
+        a.xattrs
+            .insert(b"user.tag".to_vec(), vec![0, 159, 146, 150]);
+        a
+    }
+
+    pub(super) fn put_with(key: &str, value: &str, attrs: Attrs) -> DbOp {
+        DbOp::Put {
+            key: key.into(),
+            value: text(value),
+            attrs: Some(attrs),
+        }
+    }
+
+    fn set(key: &str, attrs: Attrs) -> DbOp {
+        DbOp::SetAttrs {
+            key: key.into(),
+            attrs,
+        }
+    }
+
+    fn dir(path: &str, attrs: Option<Attrs>) -> DbOp {
+        DbOp::SetDir {
+            path: path.into(),
+            attrs,
+        }
+    }
+
+    async fn object_names(b: &Backend) -> Vec<String> {
+        let list = b.store.list("p/").await.unwrap();
+        list.into_iter().map(|o| o.key[2..].to_string()).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn attributes_round_trip_through_upload_and_a_fresh_open() {
+        for b in Backend::all().await {
+            let db = b.open("p", OpenOptions::default()).await;
+            let mut link = sample(0o4755, 7);
+            link.kind = FileKind::Symlink;
+            link.link_id = 42;
+            db.write(vec![
+                put_with("a/file", "hello", sample(0o640, 1000)),
+                put_with("a/link", "file", link.clone()),
+                DbOp::Put {
+                    key: "plain".into(),
+                    value: text("no attributes"),
+                    attrs: None,
+                },
+                dir("a", Some(Attrs::new(FileKind::Dir, 0o750, 5, 6))),
+            ])
+            .unwrap();
+            let report = db.upload().await.unwrap();
+            assert!(report.attrs_committed, "{}: {report:?}", b.name);
+            assert!(object_names(&b).await.contains(&"s4db.attrs".to_string()));
+
+            let fresh = b.open("p", OpenOptions::default()).await;
+            assert_eq!(*fresh.attrs("a/file").unwrap(), sample_like(&db, "a/file"));
+            assert_eq!(*fresh.attrs("a/link").unwrap(), link);
+            assert_eq!(fresh.attrs("plain"), None, "{}", b.name);
+            assert_eq!(fresh.dir_attrs("a").unwrap().mode, 0o750);
+            assert_eq!(fresh.link_members(42), vec!["a/link".to_string()]);
+            assert_eq!(get(&fresh, "a/file").await, Some(text("hello")));
+            let stats = fresh.stats();
+            assert_eq!((stats.keys_with_attrs, stats.dirs_with_attrs), (2, 1));
+
+            // A chmod is one PUT of the attribute object, no index rewrite.
+            let faulty = Arc::new(FaultStore::new(b.store.clone()));
+            let db2 = S4db::open(faulty.clone(), "p", OpenOptions::default())
+                .await
+                .unwrap();
+            db2.write(vec![set("a/file", sample(0o600, 1000))]).unwrap();
+            let seen = faulty.calls().len();
+            let report = db2.upload().await.unwrap();
+            assert!(report.attrs_committed);
+            assert_eq!(
+                faulty.calls()[seen..],
+                vec![(s4db::remote::Op::Put, "p/s4db.attrs".to_string())],
+                "{}",
+                b.name
+            );
+            let fresh = b.open("p", OpenOptions::default()).await;
+            assert_eq!(fresh.attrs("a/file").unwrap().mode, 0o600);
+            assert_eq!(fresh.attrs("a/link").unwrap().link_id, 42);
+            // Overwriting the value keeps the attributes (new content times).
+            db2.put([("a/file", text("changed"))]).unwrap();
+            db2.upload().await.unwrap();
+            let fresh = b.open("p", OpenOptions::default()).await;
+            assert_eq!(fresh.attrs("a/file").unwrap().mode, 0o600);
+            // A delete drops them.
+            db2.delete(["a/file"]).unwrap();
+            db2.upload().await.unwrap();
+            db2.put([("a/file", text("again"))]).unwrap();
+            db2.upload().await.unwrap();
+            assert_eq!(
+                b.open("p", OpenOptions::default()).await.attrs("a/file"),
+                None
+            );
+        }
+    }
+
+    /// What `db` holds for `key` (the reference the fresh open must equal).
+    fn sample_like(db: &S4db, key: &str) -> Attrs {
+        (*db.attrs(key).unwrap()).clone()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_writers_change_attributes_of_different_keys_and_both_survive() {
+        for b in Backend::all().await {
+            let seed = b.open("p", OpenOptions::default()).await;
+            seed.write(vec![
+                put_with("a", "1", sample(0o644, 1)),
+                put_with("b", "2", sample(0o644, 1)),
+            ])
+            .unwrap();
+            seed.upload().await.unwrap();
+            let one = b.open("p", OpenOptions::default()).await;
+            let two = b.open("p", OpenOptions::default()).await;
+            one.write(vec![set("a", sample(0o600, 11))]).unwrap();
+            two.write(vec![set("b", sample(0o700, 22))]).unwrap();
+            let (r1, r2) = tokio::join!(one.upload(), two.upload());
+            let (r1, r2) = (r1.unwrap(), r2.unwrap());
+            assert!(r1.attrs_committed && r2.attrs_committed);
+            let fresh = b.open("p", OpenOptions::default()).await;
+            assert_eq!(fresh.attrs("a").unwrap().mode, 0o600, "{}", b.name);
+            assert_eq!(fresh.attrs("b").unwrap().mode, 0o700, "{}", b.name);
+            assert_eq!(fresh.attrs("b").unwrap().uid, 22);
+            // The later one sees the other's change too after its rebase, and
+            // both see it after a refresh.
+            one.refresh().await.unwrap();
+            assert_eq!(one.attrs("b").unwrap().mode, 0o700);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn attribute_changes_of_a_lost_commit_race_are_rebased_never_lost() {
+        for b in Backend::all().await {
+            let seed = b.open("p", OpenOptions::default()).await;
+            seed.put([("shared", text("0"))]).unwrap();
+            seed.upload().await.unwrap();
+            let one = b.open("p", OpenOptions::default()).await;
+            let two = b.open("p", OpenOptions::default()).await;
+            // Both write values and attributes; the index and attribute races
+            // both happen, and each side keeps what it wrote.
+            one.write(
+                (0..20)
+                    .map(|i| put_with(&format!("one/{i}"), "1", sample(0o601, i)))
+                    .collect(),
+            )
+            .unwrap();
+            two.write(
+                (0..20)
+                    .map(|i| put_with(&format!("two/{i}"), "2", sample(0o602, i)))
+                    .collect(),
+            )
+            .unwrap();
+            two.write(vec![dir(
+                "d2",
+                Some(Attrs::new(FileKind::Dir, 0o700, 0, 0)),
+            )])
+            .unwrap();
+            let (r1, r2) = tokio::join!(one.upload(), two.upload());
+            let (r1, r2) = (r1.unwrap(), r2.unwrap());
+            assert!(
+                r1.rebases + r2.rebases >= 1,
+                "{}: one of them must have rebased",
+                b.name
+            );
+            let fresh = b.open("p", OpenOptions::default()).await;
+            for i in 0..20u32 {
+                assert_eq!(
+                    fresh.attrs(&format!("one/{i}")).map(|a| (a.mode, a.uid)),
+                    Some((0o601, i)),
+                    "{}: one/{i}",
+                    b.name
+                );
+                assert_eq!(
+                    fresh.attrs(&format!("two/{i}")).map(|a| (a.mode, a.uid)),
+                    Some((0o602, i)),
+                    "{}: two/{i}",
+                    b.name
+                );
+            }
+            assert!(fresh.dir_attrs("d2").is_some());
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_that_never_lands_keeps_the_old_attributes_for_readers() {
+        let b = Backend::local();
+        let faulty = Arc::new(FaultStore::new(b.store.clone()));
+        let db = S4db::open(faulty.clone(), "p", OpenOptions::default())
+            .await
+            .unwrap();
+        db.write(vec![put_with("k", "old", sample(0o640, 1))])
+            .unwrap();
+        db.upload().await.unwrap();
+        db.write(vec![put_with("k", "new", sample(0o600, 2))])
+            .unwrap();
+        // The attribute object lands, the index PUT does not: readers still
+        // read the old value, with its attributes.
+        faulty.inject(Op::Put, "index.idx", 0, 100, Fault::Error("503".into()));
+        db.upload().await.unwrap_err();
+        let reader = b.open("p", OpenOptions::default()).await;
+        assert_eq!(get(&reader, "k").await, Some(text("old")));
+        assert_eq!(reader.attrs("k").map(|a| a.mode), Some(0o640));
+        faulty.clear();
+        db.upload().await.unwrap();
+        let reader = b.open("p", OpenOptions::default()).await;
+        assert_eq!(get(&reader, "k").await, Some(text("new")));
+        assert_eq!(reader.attrs("k").map(|a| a.mode), Some(0o600));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_directory_record_persists_and_is_removed_by_rmdir() {
+        for b in Backend::all().await {
+            let db = b.open("p", OpenOptions::default()).await;
+            db.write(vec![dir(
+                "empty/dir",
+                Some(Attrs::new(FileKind::Dir, 0o711, 3, 4)),
+            )])
+            .unwrap();
+            db.upload().await.unwrap();
+            let fresh = b.open("p", OpenOptions::default()).await;
+            let got = fresh.dir_attrs("empty/dir").unwrap();
+            assert_eq!((got.mode, got.uid, got.gid), (0o711, 3, 4), "{}", b.name);
+            assert_eq!(fresh.read_dirs(|d| d.len()), 1);
+            fresh.write(vec![dir("empty/dir", None)]).unwrap();
+            fresh.upload().await.unwrap();
+            let again = b.open("p", OpenOptions::default()).await;
+            assert!(again.dir_attrs("empty/dir").is_none(), "{}", b.name);
+            assert_eq!(again.read_dirs(|d| d.len()), 0);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn attributes_of_a_process_that_died_before_upload_publish_next_time() {
+        for b in Backend::all().await {
+            let dir_ = tempfile::tempdir().unwrap();
+            let local = dir_.path().join("work");
+            {
+                let seed = b.open("p", OpenOptions::default()).await;
+                seed.put([("old", text("committed"))]).unwrap();
+                seed.upload().await.unwrap();
+                let db = b.open("p", with_dir(&local)).await;
+                db.write(vec![
+                    put_with("new", "v", sample(0o751, 9)),
+                    set("old", sample(0o604, 8)),
+                    dir("made", Some(Attrs::new(FileKind::Dir, 0o755, 1, 1))),
+                ])
+                .unwrap();
+                db.write(vec![put_with("gone", "x", sample(0o600, 1))])
+                    .unwrap();
+                db.delete(["gone"]).unwrap();
+                // Dropped without an upload: as if the process had been killed.
+            }
+            let fresh = b.open("p", OpenOptions::default()).await;
+            assert_eq!(fresh.attrs("old"), None, "nothing is published yet");
+            let db = b.open("p", with_dir(&local)).await;
+            assert_eq!(db.attrs("new").map(|a| a.mode), Some(0o751), "{}", b.name);
+            assert_eq!(db.attrs("old").map(|a| a.mode), Some(0o604));
+            assert!(db.dir_attrs("made").is_some());
+            assert!(db.has_unsynced_writes());
+            db.upload().await.unwrap();
+            let fresh = b.open("p", OpenOptions::default()).await;
+            assert_eq!(fresh.attrs("new").map(|a| a.uid), Some(9), "{}", b.name);
+            assert_eq!(fresh.attrs("old").map(|a| a.uid), Some(8));
+            assert_eq!(fresh.attrs("gone"), None);
+            assert!(fresh.dir_attrs("made").is_some());
+            drop(db);
+            // Committed: the journal is empty again, a reopen has nothing to publish.
+            let db = b.open("p", with_dir(&local)).await;
+            assert!(!db.has_unsynced_writes(), "{}", b.name);
+            let journal = std::fs::metadata(local.join("attrs.journal")).unwrap();
+            assert_eq!(journal.len(), 0);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_torn_attribute_journal_keeps_its_whole_records() {
+        let b = Backend::local();
+        let dir_ = tempfile::tempdir().unwrap();
+        let local = dir_.path().join("work");
+        {
+            let db = b.open("p", with_dir(&local)).await;
+            db.write(vec![put_with("a", "1", sample(0o610, 1))])
+                .unwrap();
+            db.write(vec![put_with("b", "2", sample(0o620, 2))])
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let path = local.join("attrs.journal");
+        let len = std::fs::metadata(&path).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(len - 3).unwrap();
+        let db = b.open("p", with_dir(&local)).await;
+        assert_eq!(db.attrs("a").map(|a| a.mode), Some(0o610));
+        assert_eq!(db.attrs("b"), None, "the torn record is dropped");
+        assert_eq!(
+            get(&db, "b").await,
+            Some(text("2")),
+            "values are not affected"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn compaction_keeps_attributes() {
+        for b in Backend::all().await {
+            let db = b.open("p", OpenOptions::default()).await;
+            for round in 0..3 {
+                db.write(
+                    (0..10)
+                        .map(|i| {
+                            put_with(
+                                &format!("k{i}"),
+                                &format!("r{round}"),
+                                sample(0o600 + i, round),
+                            )
+                        })
+                        .collect(),
+                )
+                .unwrap();
+                db.upload().await.unwrap();
+            }
+            db.write(vec![dir("d", Some(Attrs::new(FileKind::Dir, 0o700, 0, 0)))])
+                .unwrap();
+            db.upload().await.unwrap();
+            let before = db.location("k3").unwrap();
+            db.compact().await.unwrap();
+            assert_ne!(db.location("k3").unwrap(), before);
+            assert_eq!(db.attrs("k3").map(|a| a.mode), Some(0o603));
+            let fresh = b.open("p", OpenOptions::default()).await;
+            for i in 0..10u16 {
+                let a = fresh.attrs(&format!("k{i}")).unwrap();
+                assert_eq!((a.mode, a.uid), (0o600 + i, 2), "{}", b.name);
+            }
+            assert!(fresh.dir_attrs("d").is_some());
+            // Writes after compaction keep working with attributes.
+            db.write(vec![set("k1", sample(0o666, 5))]).unwrap();
+            db.upload().await.unwrap();
+            let fresh = b.open("p", OpenOptions::default()).await;
+            assert_eq!(fresh.attrs("k1").map(|a| a.mode), Some(0o666));
+            assert_eq!(fresh.attrs("k2").map(|a| a.mode), Some(0o602));
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rebuild_index_keeps_records_of_the_entries_it_names() {
+        let b = Backend::local();
+        let dir_ = tempfile::tempdir().unwrap();
+        let db = b.open("p", with_dir(dir_.path())).await;
+        db.write(vec![put_with("a", "1", sample(0o611, 1))])
+            .unwrap();
+        db.upload().await.unwrap();
+        db.rebuild_index(false).await.unwrap();
+        db.upload().await.unwrap();
+        assert_eq!(db.attrs("a").map(|a| a.mode), Some(0o611));
+        let fresh = b.open("p", OpenOptions::default()).await;
+        assert_eq!(fresh.attrs("a").map(|a| a.mode), Some(0o611));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn gc_never_deletes_the_attribute_object() {
+        for b in Backend::all().await {
+            let db = b.open("p", OpenOptions::default()).await;
+            db.write(vec![put_with("a", "1", sample(0o600, 1))])
+                .unwrap();
+            db.upload().await.unwrap();
+            let other = b.open("p", OpenOptions::default()).await;
+            other.gc(Duration::ZERO).await.unwrap();
+            assert!(object_names(&b).await.contains(&"s4db.attrs".to_string()));
+            let fresh = b.open("p", OpenOptions::default()).await;
+            assert_eq!(fresh.attrs("a").map(|a| a.mode), Some(0o600), "{}", b.name);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_corrupt_attribute_object_still_opens_with_defaults() {
+        for b in Backend::all().await {
+            let db = b.open("p", OpenOptions::default()).await;
+            db.write(vec![put_with("a", "1", sample(0o600, 1))])
+                .unwrap();
+            db.upload().await.unwrap();
+            let key = "p/s4db.attrs";
+            let mut bytes = b.store.get(key).await.unwrap().data.to_vec();
+            let mid = bytes.len() / 2;
+            bytes[mid] ^= 0x40;
+            b.store
+                .put(key, bytes.into(), s4db::remote::PutCondition::None)
+                .await
+                .unwrap();
+            let fresh = b.open("p", OpenOptions::default()).await;
+            assert_eq!(get(&fresh, "a").await, Some(text("1")), "{}", b.name);
+            assert_eq!(fresh.attrs("a"), None);
+            // The next attribute change replaces the damaged object.
+            fresh.write(vec![set("a", sample(0o640, 2))]).unwrap();
+            fresh.upload().await.unwrap();
+            let again = b.open("p", OpenOptions::default()).await;
+            assert_eq!(again.attrs("a").map(|a| a.mode), Some(0o640), "{}", b.name);
+        }
+    }
+}

@@ -981,6 +981,7 @@ impl S4db {
         let (index, etag) = self.fetch_index().await?;
         let fetched =
             attr_store::fetch_attr_object(self.inner.store.as_ref(), self.prefix()).await?;
+        let (table, attrs_etag, generation) = self.load_attrs(fetched).await;
         let mut state = self.state();
         let Some(local) = state.local.clone() else {
             return Ok(());
@@ -1003,10 +1004,6 @@ impl S4db {
         state.index = index;
         state.index_etag = etag;
         state.save_pending_list()?;
-        drop(state);
-        let (table, attrs_etag, generation) = self.load_attrs(fetched).await;
-        let mut state = self.state();
-        state.attr_journal.clear();
         state.rebase_attrs(table, attrs_etag, generation);
         // Replay what earlier processes left; the journal's records of the
         // discarded entries no longer match any key and are skipped.
