@@ -360,3 +360,192 @@ async fn our_data_files_and_index_follow_the_naming_and_format() {
         json!({"value": "v"})
     );
 }
+
+// ---------------------------------------------------------------- attributes
+
+fn attrs(mode: u16, uid: u32) -> s4db::db::attrs::Attrs {
+    let mut a = s4db::db::attrs::Attrs::new(s4db::db::attrs::FileKind::Regular, mode, uid, uid);
+    a.xattrs.insert(b"user.x".to_vec(), b"y".to_vec());
+    a
+}
+
+fn python_files(py: &Py, moto: &Moto, bucket: &str, prefix: &str) -> Vec<String> {
+    let out = py.run(
+        moto,
+        &["--bucket", bucket, "--prefix", prefix, "files"],
+        b"",
+    );
+    out.as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_0_10_reads_writes_and_compacts_a_database_with_attributes() {
+    use s4db::db::attrs::Op as DbOp;
+    let moto = Moto::shared();
+    let bucket = moto.unique_bucket();
+    let store = store(moto, &bucket).await;
+    let py = Py::v10();
+    let db = S4db::open(store.clone(), "at", OpenOptions::default())
+        .await
+        .unwrap();
+    let mut expected = corpus();
+    let mut ops: Vec<DbOp> = expected
+        .iter()
+        .enumerate()
+        .map(|(i, (k, v))| DbOp::Put {
+            key: k.clone(),
+            value: v.clone(),
+            attrs: Some(attrs(0o600 + i as u16, i as u32)),
+        })
+        .collect();
+    ops.push(DbOp::SetDir {
+        path: "empty".into(),
+        attrs: Some(s4db::db::attrs::Attrs::new(
+            s4db::db::attrs::FileKind::Dir,
+            0o700,
+            1,
+            1,
+        )),
+    });
+    db.write(ops).unwrap();
+    db.upload().await.unwrap();
+    let mode_of = |db: &S4db, k: &str| db.attrs(k).map(|a| a.mode);
+
+    // Python sees the same keys and values; the attribute object is not a key.
+    assert_eq!(python_dump(&py, moto, &bucket, "at/"), expected);
+    assert!(python_files(&py, moto, &bucket, "at/").contains(&"s4db.attrs".to_string()));
+
+    // Python overwrites one key and adds one: the overwritten key has no
+    // attributes any more, the others keep theirs.
+    python_apply(
+        &py,
+        moto,
+        &bucket,
+        "at/",
+        json!([
+            {"op": "put", "items": {"text": "python wrote this", "py/new": "x"}},
+            {"op": "upload"},
+        ]),
+    );
+    expected.insert("text".into(), Value::Text("python wrote this".into()));
+    expected.insert("py/new".into(), Value::Text("x".into()));
+    let fresh = S4db::open(store.clone(), "at", OpenOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(rust_items(&fresh).await, expected);
+    assert_eq!(fresh.attrs("text"), None, "Python overwrote it: defaults");
+    assert_eq!(fresh.attrs("py/new"), None);
+    let kept: Vec<(String, Option<u16>)> = expected
+        .keys()
+        .filter(|k| *k != "text" && *k != "py/new")
+        .map(|k| (k.clone(), mode_of(&fresh, k)))
+        .collect();
+    assert!(kept.iter().all(|(_, m)| m.is_some()), "{kept:?}");
+
+    // Python's compaction copies the entries unchanged to new places: the
+    // records follow them (same length, same entry CRC).
+    python_apply(&py, moto, &bucket, "at/", json!([{"op": "compact"}]));
+    let compacted = S4db::open(store.clone(), "at", OpenOptions::default())
+        .await
+        .unwrap();
+    for k in ["binary", "big", "empty-text", "unicode/ключ/日本語/🔑"] {
+        assert_ne!(compacted.location(k), fresh.location(k), "{k} moved");
+    }
+    let after: Vec<(String, Option<u16>)> = kept
+        .iter()
+        .map(|(k, _)| (k.clone(), mode_of(&compacted, k)))
+        .collect();
+    assert_eq!(after, kept, "attributes survive Python's compaction");
+    assert_eq!(compacted.attrs("text"), None);
+    assert!(compacted.dir_attrs("empty").is_some());
+    assert_eq!(rust_items(&compacted).await, expected);
+    assert!(python_files(&py, moto, &bucket, "at/").contains(&"s4db.attrs".to_string()));
+
+    // And we keep writing; Python keeps reading.
+    compacted
+        .write(vec![DbOp::SetAttrs {
+            key: "binary".into(),
+            attrs: attrs(0o611, 5),
+        }])
+        .unwrap();
+    compacted
+        .put([("after", Value::Text("compaction".into()))])
+        .unwrap();
+    compacted.upload().await.unwrap();
+    expected.insert("after".into(), Value::Text("compaction".into()));
+    assert_eq!(python_dump(&py, moto, &bucket, "at/"), expected);
+    let last = S4db::open(store.clone(), "at", OpenOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(mode_of(&last, "binary"), Some(0o611));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_0_8_keeps_reading_and_writing_when_we_set_attributes() {
+    use s4db::db::attrs::Op as DbOp;
+    let moto = Moto::shared();
+    let bucket = moto.unique_bucket();
+    let py08 = Py::v08();
+    python_apply(
+        &py08,
+        moto,
+        &bucket,
+        "old/",
+        json!([
+            {"op": "put", "items": {"a": "1", "b": "2", "c": "3"}},
+            {"op": "upload"},
+        ]),
+    );
+    let store = store(moto, &bucket).await;
+    let db = S4db::open(store.clone(), "old", OpenOptions::default())
+        .await
+        .unwrap();
+    db.write(vec![
+        DbOp::SetAttrs {
+            key: "a".into(),
+            attrs: attrs(0o640, 1),
+        },
+        DbOp::SetAttrs {
+            key: "b".into(),
+            attrs: attrs(0o604, 2),
+        },
+    ])
+    .unwrap();
+    let report = db.upload().await.unwrap();
+    assert!(report.attrs_committed);
+    // Only attributes changed: the format-1 index is untouched.
+    let raw = store.get("old/index.idx").await.unwrap().data;
+    assert_eq!(raw[0], 1, "the index is still Python 0.8's");
+    let text = |s: &str| Value::Text(s.into());
+    let mut expected: BTreeMap<String, Value> =
+        [("a", text("1")), ("b", text("2")), ("c", text("3"))]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+    assert_eq!(python_dump(&py08, moto, &bucket, "old/"), expected);
+
+    python_apply(
+        &py08,
+        moto,
+        &bucket,
+        "old/",
+        json!([
+            {"op": "put", "items": {"b": "rewritten", "d": "4"}},
+            {"op": "upload"},
+        ]),
+    );
+    expected.insert("b".into(), text("rewritten"));
+    expected.insert("d".into(), text("4"));
+    assert_eq!(python_dump(&py08, moto, &bucket, "old/"), expected);
+    let fresh = S4db::open(store.clone(), "old", OpenOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(rust_items(&fresh).await, expected);
+    assert_eq!(fresh.attrs("a").map(|a| a.mode), Some(0o640));
+    assert_eq!(fresh.attrs("b"), None, "Python 0.8 overwrote it");
+    assert_eq!(fresh.attrs("d"), None);
+}
