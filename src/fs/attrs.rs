@@ -9,6 +9,9 @@
 use super::*;
 use crate::db::attrs::{Attrs, FileKind, Op, MAX_XATTR_NAME, MAX_XATTR_TOTAL, MAX_XATTR_VALUE};
 
+/// Entries a directory's `stat` looks at to count its subdirectories.
+const NLINK_SCAN: usize = 4096;
+
 /// Who makes a call: new files and directories get this owner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Caller {
@@ -164,12 +167,10 @@ impl S4Fs {
     /// A directory's links: itself, its entry in the parent, and each
     /// subdirectory's `..`.
     pub(super) fn dir_nlink(&self, path: &str) -> u32 {
-        let subdirs = self
-            .list_children(path)
-            .values()
-            .filter(|k| **k == NodeKind::Dir)
-            .count();
-        2 + subdirs as u32
+        match self.subdir_count(path, NLINK_SCAN) {
+            Some(n) => 2 + n as u32,
+            None => 1,
+        }
     }
 
     /// Attributes of a new node made by `caller` in directory `parent_path`:

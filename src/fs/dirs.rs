@@ -71,6 +71,55 @@ impl S4Fs {
         out
     }
 
+    /// How many subdirectories `dir` has, or `None` when it has more than
+    /// `limit` entries to look at (a `stat` must stay cheap in a directory
+    /// of a million keys; such a directory then shows `nlink` 1, the
+    /// convention for "not counted" that `find` knows).
+    pub(super) fn subdir_count(&self, dir: &str, limit: usize) -> Option<usize> {
+        let prefix = if dir.is_empty() {
+            String::new()
+        } else {
+            format!("{dir}/")
+        };
+        let mut subdirs = std::collections::BTreeSet::new();
+        let complete = self.db.read_index(|idx| {
+            let mut start = prefix.clone();
+            for _ in 0..limit {
+                let Some((k, _)) = range_from(idx, &start).next() else {
+                    return true;
+                };
+                let Some(rest) = k.strip_prefix(&prefix) else {
+                    return true;
+                };
+                match rest.split_once('/') {
+                    Some((child, _)) if key_is_path(k) => {
+                        if !(dir.is_empty() && child == CONTROL_DIR) {
+                            subdirs.insert(child.to_string());
+                        }
+                        start = after_subtree(&prefix, child);
+                    }
+                    _ => start = format!("{k}\0"),
+                }
+            }
+            false
+        });
+        if !complete {
+            return None;
+        }
+        self.db.read_dirs(|dirs| {
+            for (d, _) in range_from(dirs, &prefix) {
+                let Some(rest) = d.strip_prefix(&prefix) else {
+                    break;
+                };
+                let child = rest.split('/').next().unwrap_or(rest);
+                if !child.is_empty() && !(dir.is_empty() && child == CONTROL_DIR) {
+                    subdirs.insert(child.to_string());
+                }
+            }
+        });
+        Some(subdirs.len())
+    }
+
     pub fn opendir(self: &Arc<Self>, ino: u64) -> FsResult<u64> {
         let mut entries = vec![
             DirEntry {
