@@ -155,7 +155,6 @@ fn open_flags(keep_cache: bool, direct_io: bool) -> u32 {
     flags
 }
 
-
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request<'_>, config: &mut KernelConfig) -> Result<(), i32> {
         // Optional capabilities: the kernel may lack some; that is fine.
@@ -269,9 +268,9 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         let name = newname.to_os_string();
-        self.spawn(move |fs| async move {
-            reply_entry(reply, fs.link(ino, newparent, &name).await)
-        });
+        self.spawn(
+            move |fs| async move { reply_entry(reply, fs.link(ino, newparent, &name).await) },
+        );
     }
 
     fn mknod(
@@ -323,7 +322,9 @@ impl Filesystem for FuseAdapter {
         reply: ReplyXattr,
     ) {
         let name = name.to_os_string();
-        self.spawn(move |fs| async move { reply_xattr(reply, size, fs.getxattr(ino, &name).await) });
+        self.spawn(
+            move |fs| async move { reply_xattr(reply, size, fs.getxattr(ino, &name).await) },
+        );
     }
 
     fn listxattr(&mut self, _req: &Request<'_>, ino: u64, size: u32, reply: ReplyXattr) {
@@ -346,7 +347,9 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         self.spawn(move |fs| async move {
-            let r = fs.fallocate(ino, offset.max(0) as u64, length.max(0) as u64, mode).await;
+            let r = fs
+                .fallocate(ino, offset.max(0) as u64, length.max(0) as u64, mode)
+                .await;
             reply_empty(reply, r)
         });
     }
