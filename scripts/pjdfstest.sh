@@ -13,7 +13,8 @@
 #   --out OUTDIR   keep pjdfstest.toml, local.txt and mount.txt here (default: a temp dir)
 #   PATTERN...     only the cases whose names contain one of these (pjdfstest's filter)
 #
-# Each side runs in a fresh 0755 directory owned by root and is removed afterwards. Needs
+# Each side runs in a fresh 0755 directory owned by root and is removed afterwards; keep
+# DIR and MNT short (the socket cases bind paths under them, 108 bytes at most). Needs
 # root, the users nobody/nogroup and tests/tests (made here when missing). Exit status: 0
 # when every side ran to its summary with no failure, 1 when a case failed, 2 when a side
 # did not run to its summary (timeout, crash). $PJDFSTEST names the binary (default:
@@ -84,7 +85,7 @@ SUMMARIES=()
 # run_side NAME BASE: pjdfstest in a new 0755 directory under BASE, output to OUT/NAME.txt.
 run_side() {
   local name=$1 base=$2 dir rc=0
-  dir=$(mktemp -d "$base/pjdfstest.XXXXXX")
+  dir=$(mktemp -d "$base/pjd.XXXXXX")
   chmod 0755 "$dir"
   echo "pjdfstest.sh: $name: $PJD -c $CONF -p $dir" >&2
   local started=$SECONDS
