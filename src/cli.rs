@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 key not found, 2 any other error, with a one-line
 //! reason on stderr. Long operations draw a progress bar only on a terminal.
 
+use crate::db::attrs::{Attrs, FileKind, Op};
 use crate::db::{OpenOptions, Progress, S4db, ScanMode};
 use crate::error::{Error, Result};
 use crate::remote::s3::ChecksumMode;
@@ -97,14 +98,15 @@ pub enum Command {
         #[arg(long)]
         prefix: Option<String>,
     },
-    /// Read JSON Lines from stdin: {"key": K, "value": "text"} or {"key": K, "value_base64": B64}
+    /// Read JSON Lines from stdin: {"key": K, "value": "text"} or {"key": K, "value_base64": B64},
+    /// optionally with "attrs" (see `s4db stat --help`), and {"dir": PATH, "attrs": A} lines
     Import {
         db: String,
         /// Keys per put batch
         #[arg(long, default_value_t = 1000)]
         batch: usize,
     },
-    /// Write every key and value to stdout as JSON Lines (the import format)
+    /// Write every key and value to stdout as JSON Lines (the import format), with attributes
     Export { db: String },
     /// Publish local writes (from --local-dir) to the store
     Upload { db: String },
@@ -133,7 +135,20 @@ pub enum Command {
     },
     /// Print statistics as JSON
     Stats { db: String },
+    /// Print a key's file attributes as JSON (exit 1 if the key does not exist)
+    #[command(after_help = ATTRS_HELP)]
+    Stat { db: String, key: String },
 }
+
+const ATTRS_HELP: &str = "Output: {\"key\": K, \"attrs\": A} where A is null when the key has no \
+attributes (it was written without them, e.g. by the Python package: the mount's defaults apply), \
+else {\"kind\": \"regular\"|\"dir\"|\"symlink\"|\"fifo\"|\"socket\"|\"char-device\"|\"block-device\", \
+\"mode\": \"0644\" (octal permission bits), \"mode_numeric\": 420, \"uid\", \"gid\", \"rdev\", \
+\"atime\"/\"mtime\"/\"ctime\": {\"secs\": seconds since 1970 (negative before), \"nanos\": 0..999999999}, \
+\"link_id\" (hard-link group, 0 = none), \"xattrs\": {name: base64 value}}. \
+A path that is not a key but an explicit directory prints {\"dir\": PATH, \"attrs\": A}. \
+export writes the same \"attrs\" object on each key's line, and {\"dir\": PATH, \"attrs\": A} lines; \
+import reads them back (lines without \"attrs\" import as before).";
 
 /// What `main` exits with.
 pub enum Outcome {
@@ -171,7 +186,8 @@ pub async fn run(cli: Cli) -> Result<Outcome> {
         | Command::Compact { db }
         | Command::RebuildIndex { db, .. }
         | Command::Gc { db, .. }
-        | Command::Stats { db } => db.clone(),
+        | Command::Stats { db }
+        | Command::Stat { db, .. } => db.clone(),
     };
     let target = DbTarget::parse(&db_spec)?;
     let store = StoreOptions {
@@ -268,14 +284,30 @@ pub async fn run(cli: Cli) -> Result<Outcome> {
         }
         Command::Export { .. } => {
             let mut w = std::io::BufWriter::new(stdout);
+            let dirs: Vec<(String, AttrsJson)> = db.read_dirs(|d| {
+                d.iter()
+                    .map(|(p, a)| (p.to_string(), AttrsJson::from(&**a)))
+                    .collect()
+            });
+            for (dir, attrs) in dirs {
+                let line = serde_json::json!({ "dir": dir, "attrs": attrs });
+                serde_json::to_writer(&mut w, &line)
+                    .map_err(std::io::Error::from)
+                    .and_then(|_| w.write_all(b"\n"))
+                    .map_err(out)?;
+            }
             db.scan(ScanMode::Local, |key, value| {
-                let line = match value {
+                let attrs = db.attrs(&key).map(|a| AttrsJson::from(&*a));
+                let mut line = match value {
                     Value::Text(text) => serde_json::json!({ "key": key, "value": text }),
                     Value::Binary(b) => serde_json::json!({
                         "key": key,
                         "value_base64": base64::engine::general_purpose::STANDARD.encode(b),
                     }),
                 };
+                if let Some(a) = attrs {
+                    line["attrs"] = serde_json::to_value(a).expect("plain JSON");
+                }
                 serde_json::to_writer(&mut w, &line)
                     .map_err(std::io::Error::from)
                     .and_then(|_| w.write_all(b"\n"))
@@ -309,6 +341,27 @@ pub async fn run(cli: Cli) -> Result<Outcome> {
             print_json(&mut stdout, &serde_json::json!({ "deleted": deleted }))?;
         }
         Command::Stats { .. } => print_json(&mut stdout, &db.stats())?,
+        Command::Stat { key, .. } => {
+            if db.contains_key(&key) {
+                let attrs = db.attrs(&key).map(|a| AttrsJson::from(&*a));
+                if attrs.is_none() {
+                    eprintln!("s4db: key {key:?} has no attributes (the defaults apply)");
+                }
+                print_json(
+                    &mut stdout,
+                    &serde_json::json!({ "key": key, "attrs": attrs }),
+                )?;
+            } else if let Some(a) = db.dir_attrs(&key) {
+                let attrs = AttrsJson::from(&*a);
+                print_json(
+                    &mut stdout,
+                    &serde_json::json!({ "dir": key, "attrs": attrs }),
+                )?;
+            } else {
+                eprintln!("s4db: key {key:?} not found in {db_spec}");
+                return Ok(Outcome::NotFound);
+            }
+        }
     }
     Ok(Outcome::Ok)
 }
@@ -329,13 +382,124 @@ fn print_json(w: &mut impl Write, value: &impl serde::Serialize) -> Result<()> {
         .map_err(|e| Error::io("write", "stdout", e))
 }
 
-/// One import line: `{"key": K, "value": "text"}` or `{"key": K, "value_base64": B64}`.
+/// One import line: `{"key": K, "value": "text"}` or `{"key": K, "value_base64": B64}`,
+/// optionally with `"attrs"`; or `{"dir": PATH, "attrs": A}`.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ImportLine {
-    key: String,
+    key: Option<String>,
+    dir: Option<String>,
     value: Option<String>,
     value_base64: Option<String>,
+    attrs: Option<AttrsJson>,
+}
+
+/// Attributes as `stat`, `export` and `import` write them (see [`ATTRS_HELP`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttrsJson {
+    pub kind: String,
+    pub mode: String,
+    pub mode_numeric: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u64,
+    pub atime: TimeJson,
+    pub mtime: TimeJson,
+    pub ctime: TimeJson,
+    pub link_id: u64,
+    pub xattrs: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeJson {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+const KINDS: [(FileKind, &str); 7] = [
+    (FileKind::Regular, "regular"),
+    (FileKind::Dir, "dir"),
+    (FileKind::Symlink, "symlink"),
+    (FileKind::Fifo, "fifo"),
+    (FileKind::Socket, "socket"),
+    (FileKind::CharDevice, "char-device"),
+    (FileKind::BlockDevice, "block-device"),
+];
+
+impl From<&Attrs> for AttrsJson {
+    fn from(a: &Attrs) -> Self {
+        let t = |t| {
+            let (secs, nanos) = crate::db::attr_codec::split_time(t);
+            TimeJson { secs, nanos }
+        };
+        let b64 = &base64::engine::general_purpose::STANDARD;
+        AttrsJson {
+            kind: KINDS
+                .iter()
+                .find(|(k, _)| *k == a.kind)
+                .map_or("regular", |(_, n)| n)
+                .to_string(),
+            mode: format!("{:04o}", a.mode),
+            mode_numeric: a.mode,
+            uid: a.uid,
+            gid: a.gid,
+            rdev: a.rdev,
+            atime: t(a.atime),
+            mtime: t(a.mtime),
+            ctime: t(a.ctime),
+            link_id: a.link_id,
+            xattrs: a
+                .xattrs
+                .iter()
+                .map(|(n, v)| (String::from_utf8_lossy(n).into_owned(), b64.encode(v)))
+                .collect(),
+        }
+    }
+}
+
+impl AttrsJson {
+    /// The attributes, or why they cannot be.
+    pub fn to_attrs(&self) -> std::result::Result<Attrs, String> {
+        let kind = KINDS
+            .iter()
+            .find(|(_, n)| *n == self.kind)
+            .map(|(k, _)| *k)
+            .ok_or_else(|| format!("unknown kind {:?}", self.kind))?;
+        let mode = u16::from_str_radix(&self.mode, 8)
+            .map_err(|e| format!("mode {:?} is not octal: {e}", self.mode))?;
+        if mode != self.mode_numeric || mode > 0o7777 {
+            return Err(format!(
+                "mode {:?} and mode_numeric {} disagree or exceed 07777",
+                self.mode, self.mode_numeric
+            ));
+        }
+        let t = |t: TimeJson| {
+            crate::db::attr_codec::join_time(t.secs, t.nanos)
+                .ok_or_else(|| format!("bad time {} s {} ns", t.secs, t.nanos))
+        };
+        let b64 = &base64::engine::general_purpose::STANDARD;
+        let mut xattrs = std::collections::BTreeMap::new();
+        for (n, v) in &self.xattrs {
+            let v = b64
+                .decode(v)
+                .map_err(|e| format!("xattr {n:?} is not base64: {e}"))?;
+            xattrs.insert(n.as_bytes().to_vec(), v);
+        }
+        Ok(Attrs {
+            kind,
+            mode,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: self.rdev,
+            atime: t(self.atime)?,
+            mtime: t(self.mtime)?,
+            ctime: t(self.ctime)?,
+            link_id: self.link_id,
+            xattrs,
+        })
+    }
 }
 
 fn import(db: &S4db, batch: usize) -> Result<u64> {
@@ -353,36 +517,68 @@ fn import(db: &S4db, batch: usize) -> Result<u64> {
         }
         let bad = |why: String| Error::Usage(format!("stdin line {}: {why}", i + 1));
         let parsed: ImportLine = serde_json::from_slice(&line).map_err(|e| bad(e.to_string()))?;
+        let attrs = match &parsed.attrs {
+            Some(a) => Some(a.to_attrs().map_err(|e| bad(format!("attrs: {e}")))?),
+            None => None,
+        };
+        let key = match (parsed.key, parsed.dir) {
+            (Some(key), None) => key,
+            (None, Some(dir)) if parsed.value.is_none() && parsed.value_base64.is_none() => {
+                crate::db::validate_key(&dir).map_err(|e| bad(e.to_string()))?;
+                items.push(Op::SetDir { path: dir, attrs });
+                continue;
+            }
+            _ => {
+                return Err(bad(
+                    "a line needs \"key\" (with a value) or \"dir\" (with only \"attrs\")".into(),
+                ))
+            }
+        };
         let value = match (parsed.value, parsed.value_base64) {
             (Some(text), None) => Value::Text(text),
             (None, Some(b64)) => Value::Binary(
                 base64::engine::general_purpose::STANDARD
                     .decode(b64.trim())
-                    .map_err(|e| bad(format!("value_base64 of {:?}: {e}", parsed.key)))?,
+                    .map_err(|e| bad(format!("value_base64 of {key:?}: {e}")))?,
             ),
             _ => {
                 return Err(bad(format!(
-                    "key {:?} needs exactly one of \"value\" and \"value_base64\"",
-                    parsed.key
+                    "key {key:?} needs exactly one of \"value\" and \"value_base64\""
                 )))
             }
         };
-        crate::db::validate_key(&parsed.key).map_err(|e| bad(e.to_string()))?;
-        items.push((parsed.key, value));
+        crate::db::validate_key(&key).map_err(|e| bad(e.to_string()))?;
+        items.push(Op::Put { key, value, attrs });
         if items.len() >= batch {
-            count += items.len() as u64;
-            db.put(std::mem::take(&mut items))?;
+            count += write_imported(db, std::mem::take(&mut items))?;
             if let Some(p) = &progress {
                 p.advance(batch as u64);
             }
         }
     }
-    count += items.len() as u64;
-    db.put(items)?;
+    count += write_imported(db, items)?;
     if let Some(p) = &progress {
         p.finish();
     }
     Ok(count)
+}
+
+/// Writes one batch of imported lines; returns how many keys it put. A
+/// batch without attributes goes through `put` (the bulk-load path).
+fn write_imported(db: &S4db, items: Vec<Op>) -> Result<u64> {
+    let keys = items.iter().filter(|o| matches!(o, Op::Put { .. })).count() as u64;
+    let plain = items
+        .iter()
+        .all(|o| matches!(o, Op::Put { attrs: None, .. }));
+    if plain {
+        db.put(items.into_iter().filter_map(|o| match o {
+            Op::Put { key, value, .. } => Some((key, value)),
+            _ => None,
+        }))?;
+    } else {
+        db.write(items)?;
+    }
+    Ok(keys)
 }
 
 /// A progress bar on stderr, only when stderr is a terminal.
