@@ -80,6 +80,11 @@ pub struct MountArgs {
     /// .s4db/upload and unmount upload)
     #[arg(long, value_name = "SECONDS|never", value_parser = parse_delay, default_value = "1")]
     pub upload_delay: Interval,
+    /// Upload at most this many seconds after the oldest unpublished write,
+    /// even while writes keep coming (a steady writer never leaves the
+    /// debounce quiet), or `never`
+    #[arg(long, value_name = "SECONDS|never", value_parser = parse_delay, default_value = "10")]
+    pub upload_max_delay: Interval,
     /// Load what other writers committed every SECONDS while nothing is
     /// unsynced (one GET of the index), or `never` (only .s4db/refresh)
     #[arg(long, value_name = "SECONDS|never", value_parser = parse_delay, default_value = "60")]
@@ -156,6 +161,7 @@ impl MountArgs {
                 "file_mode" => self.file_mode = parse_mode(need()?)?,
                 "dir_mode" => self.dir_mode = parse_mode(need()?)?,
                 "upload_delay" => self.upload_delay = parse_delay(need()?)?,
+                "upload_max_delay" => self.upload_max_delay = parse_delay(need()?)?,
                 "refresh_interval" => self.refresh_interval = parse_delay(need()?)?,
                 "endpoint_url" => self.endpoint_url = Some(need()?.to_string()),
                 "region" => self.region = Some(need()?.to_string()),
@@ -564,6 +570,7 @@ async fn open_fs(
         dir_mode: args.dir_mode,
         read_only: args.read_only,
         upload_delay: args.upload_delay.0,
+        upload_max_delay: args.upload_max_delay.0,
         refresh_interval: args.refresh_interval.0,
         spill_dir: local_dir.join("spill"),
         meta_path: Some(local_dir.join("s4db-mount.meta")),

@@ -397,6 +397,46 @@ fn upload_delay_publishes_without_any_action() {
     m.unmount();
 }
 
+/// A steady trickle of writes never leaves the debounce a quiet second, yet
+/// each write is published within `--upload-max-delay` of being made.
+#[test]
+fn a_steady_trickle_is_published_within_the_max_delay() {
+    let db = Db::new();
+    let m = Mount::on(&db)
+        .args(&["--upload-delay", "1", "--upload-max-delay", "1.5"])
+        .start();
+    let start = Instant::now();
+    let mut published_while_writing = 0;
+    for i in 0usize..30 {
+        std::fs::write(m.path(&format!("f{i:02}")), format!("{i}\n")).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        if i % 10 == 9 {
+            // Everything written more than the bound (plus an upload's time) ago is in the bucket.
+            let seen = db.py_values();
+            let expected_at_least = i.saturating_sub(15);
+            for j in 0..expected_at_least {
+                assert!(
+                    seen.contains_key(&format!("f{j:02}")),
+                    "f{j:02} not published {:?} after it was written (while writes kept coming)",
+                    start.elapsed()
+                );
+            }
+            published_while_writing = seen.len();
+        }
+    }
+    assert!(
+        published_while_writing > 0,
+        "nothing was published while writing"
+    );
+    let stats = m.stats();
+    assert!(
+        stats["oldest_unsynced_write_seconds"].is_null()
+            || stats["oldest_unsynced_write_seconds"].as_f64().unwrap() < 5.0,
+        "{stats}"
+    );
+    m.unmount();
+}
+
 /// Another writer's commit shows up without any action, at the refresh interval.
 #[test]
 fn refresh_interval_picks_up_other_writers() {

@@ -56,6 +56,9 @@ pub struct FsConfig {
     pub read_only: bool,
     /// Upload this long after the last write; `None`: only on request and at unmount.
     pub upload_delay: Option<Duration>,
+    /// Upload at most this long after the oldest unpublished write, however
+    /// often writes come; `None`: no bound beyond the debounce.
+    pub upload_max_delay: Option<Duration>,
     /// Load other writers' commits this often while nothing is unsynced; `None`: only on request.
     pub refresh_interval: Option<Duration>,
     /// Where large open files spill (the local directory).
@@ -179,6 +182,8 @@ pub struct S4Fs {
     last_error: Mutex<String>,
     upload_wanted: tokio::sync::Notify,
     last_write: Mutex<Instant>,
+    /// When the oldest write not yet published was made.
+    first_unsynced: Mutex<Option<Instant>>,
     /// Where background work runs (calls may come from the FUSE thread).
     rt: tokio::runtime::Handle,
 }
@@ -202,7 +207,8 @@ impl S4Fs {
         let meta = MetaCache::open(cfg.meta_path.as_deref(), db.len(), || {
             db.read_index(|idx| idx.values().map(|l| (l.file_id, l.offset)).collect())
         })?;
-        Ok(Arc::new(S4Fs {
+        let db_unsynced = db.has_unsynced_writes();
+        let fs = Arc::new(S4Fs {
             db,
             store,
             cfg,
@@ -221,8 +227,14 @@ impl S4Fs {
             last_error: Mutex::new(String::new()),
             upload_wanted: tokio::sync::Notify::new(),
             last_write: Mutex::new(Instant::now()),
+            // Writes replayed from a process that died count from now.
+            first_unsynced: Mutex::new(db_unsynced.then(Instant::now)),
             rt: tokio::runtime::Handle::current(),
-        }))
+        });
+        if db_unsynced {
+            fs.upload_wanted.notify_one();
+        }
+        Ok(fs)
     }
 
     pub fn db(&self) -> &S4db {

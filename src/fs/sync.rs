@@ -42,6 +42,8 @@ impl S4Fs {
             "local_dir": s.local_dir,
             "read_only": self.cfg.read_only,
             "upload_delay_seconds": self.cfg.upload_delay.map(|d| d.as_secs_f64()),
+            "upload_max_delay_seconds": self.cfg.upload_max_delay.map(|d| d.as_secs_f64()),
+            "oldest_unsynced_write_seconds": self.oldest_unsynced_age().map(|d| d.as_secs_f64()),
             "refresh_interval_seconds": self.cfg.refresh_interval.map(|d| d.as_secs_f64()),
             "last_error": lock(&self.last_error).clone(),
         })
@@ -117,7 +119,16 @@ impl S4Fs {
 
     pub(super) async fn upload(&self) -> FsResult<()> {
         if self.db.has_unsynced_writes() {
-            self.db.upload().await?;
+            // Writes from here on are not in this upload: they start a new wait.
+            let pending = lock(&self.first_unsynced).take();
+            if let Err(e) = self.db.upload().await {
+                let mut first = lock(&self.first_unsynced);
+                *first = match (pending, *first) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                return Err(e.into());
+            }
         }
         self.meta.save()?;
         Ok(())
@@ -125,11 +136,20 @@ impl S4Fs {
 
     /// Something was put or deleted: schedule the debounced upload.
     pub(super) fn wrote(&self) {
-        *lock(&self.last_write) = Instant::now();
+        let now = Instant::now();
+        *lock(&self.last_write) = now;
+        lock(&self.first_unsynced).get_or_insert(now);
         self.upload_wanted.notify_one();
     }
 
-    /// Uploads `upload_delay` after the last write, forever (spawn it once).
+    /// How long the oldest unpublished write has waited.
+    pub fn oldest_unsynced_age(&self) -> Option<Duration> {
+        lock(&self.first_unsynced).map(|t| t.elapsed())
+    }
+
+    /// Uploads `upload_delay` after the last write, or `upload_max_delay`
+    /// after the oldest unpublished one if writes never pause that long,
+    /// forever (spawn it once).
     pub async fn run_uploader(self: Arc<Self>) {
         let Some(delay) = self.cfg.upload_delay else {
             return;
@@ -141,7 +161,16 @@ impl S4Fs {
                 if quiet >= delay {
                     break;
                 }
-                tokio::time::sleep(delay - quiet).await;
+                let mut wait = delay - quiet;
+                if let (Some(max), Some(age)) =
+                    (self.cfg.upload_max_delay, self.oldest_unsynced_age())
+                {
+                    if age >= max {
+                        break;
+                    }
+                    wait = wait.min(max - age);
+                }
+                tokio::time::sleep(wait).await;
             }
             if let Err(e) = self.upload().await {
                 self.record_error("background upload", &e);

@@ -39,6 +39,7 @@ async fn fixture(seed: &[(&str, Value)]) -> Fixture {
         dir_mode: 0o755,
         read_only: false,
         upload_delay: None,
+        upload_max_delay: None,
         refresh_interval: None,
         spill_dir: local.join("spill"),
         meta_path: Some(local.join("meta")),
