@@ -313,6 +313,9 @@ impl State {
     /// After a commit: forgets spare records that can no longer matter (see
     /// [`State::encode_attr_image`]).
     pub fn prune_attrs(&mut self) {
+        if self.attrs.spare.is_empty() {
+            return;
+        }
         let referenced = self.referenced_files();
         let index = &self.index.entries;
         let journal = &self.journal;
