@@ -546,10 +546,10 @@ impl Filesystem for FuseAdapter {
     }
 
     fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {
-        // An object store has no fixed capacity: report a large, free volume.
-        let blocks = 1u64 << 40;
-        let files = self.fs.db().len() as u64;
-        reply.statfs(blocks, blocks, blocks, files, u64::MAX / 2, 4096, 255, 4096);
+        let s = self.fs.statfs();
+        reply.statfs(
+            s.blocks, s.bfree, s.bfree, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
+        );
     }
 
     fn access(&mut self, _req: &Request<'_>, _ino: u64, _mask: i32, reply: ReplyEmpty) {

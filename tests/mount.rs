@@ -437,6 +437,33 @@ fn a_steady_trickle_is_published_within_the_max_delay() {
     m.unmount();
 }
 
+/// `df` shows the live bytes and the keys as used, of a large capacity.
+#[test]
+fn df_shows_live_bytes_and_keys_as_used() {
+    let db = Db::new();
+    let m = Mount::on(&db).start();
+    m.sh("head -c 3000000 /dev/urandom > big && for i in 1 2 3 4; do echo $i > f$i; done")
+        .ok();
+    let df = m
+        .sh("df -B1 --output=size,used,itotal,iused . | tail -1")
+        .ok();
+    let n: Vec<u64> = df
+        .text()
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let (size, used, itotal, iused) = (n[0], n[1], n[2], n[3]);
+    assert!(size >= 1 << 50, "capacity {size}");
+    assert!(
+        (3_000_000..3_100_000).contains(&used),
+        "used {used}: {}",
+        df.text()
+    );
+    assert_eq!(iused, 5, "{}", df.text());
+    assert!(itotal >= 1 << 32);
+    m.unmount();
+}
+
 /// Another writer's commit shows up without any action, at the refresh interval.
 #[test]
 fn refresh_interval_picks_up_other_writers() {

@@ -17,6 +17,7 @@ pub mod meta;
 pub mod names;
 mod special;
 mod sync;
+pub use sync::StatFs;
 pub mod value_cache;
 
 pub use crate::db::attrs::FileKind;

@@ -2,6 +2,17 @@
 
 use super::*;
 
+/// The figures of `statfs(2)`, in blocks of `bsize` bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+}
+
 impl S4Fs {
     pub(super) fn control_contents(&self, c: ControlFile) -> Vec<u8> {
         match c {
@@ -21,6 +32,26 @@ impl S4Fs {
                 out.into_bytes()
             }
             _ => c.help().as_bytes().to_vec(),
+        }
+    }
+
+    /// What `df` shows: the live bytes and keys as used, of a capacity as
+    /// large as other S3 filesystems state (1 PiB, 2^32 files).
+    pub fn statfs(&self) -> StatFs {
+        const BSIZE: u32 = 4096;
+        const CAPACITY: u64 = 1 << 50;
+        const FILES: u64 = 1 << 32;
+        let s = self.db.stats();
+        let blocks = CAPACITY / BSIZE as u64;
+        let used = s.live_bytes.div_ceil(BSIZE as u64).min(blocks);
+        let files = (s.keys as u64).max(FILES);
+        StatFs {
+            blocks,
+            bfree: blocks - used,
+            files,
+            ffree: files - s.keys as u64,
+            bsize: BSIZE,
+            namelen: names::MAX_NAME_BYTES as u32,
         }
     }
 
