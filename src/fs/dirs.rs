@@ -112,7 +112,8 @@ impl S4Fs {
                     break;
                 };
                 let child = rest.split('/').next().unwrap_or(rest);
-                if !child.is_empty() && !(dir.is_empty() && child == CONTROL_DIR) {
+                let control = dir.is_empty() && child == CONTROL_DIR;
+                if !child.is_empty() && !control {
                     subdirs.insert(child.to_string());
                 }
             }
