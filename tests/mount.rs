@@ -1319,3 +1319,93 @@ fn the_peer_benchmark_and_its_report_run() {
     );
     assert!(text.contains("$ per 1,000 runs"), "{text}");
 }
+
+// ======================================================= attributes across writers
+
+/// `stat` of every name below the mount root as `mode uid gid name`, sorted.
+fn modes(m: &Mount) -> String {
+    m.sh("find . -path ./.s4db -prune -o -mindepth 1 -printf '%m %U %G %y %p\\n' | sort -k5")
+        .ok()
+        .text()
+}
+
+/// Two mounts chmod and chown different keys at the same time: after both
+/// upload (one of them rebasing onto the other), every change is kept, as a
+/// third mount on a fresh local directory sees.
+#[test]
+fn two_mounts_chmod_and_chown_different_keys_and_both_keep_their_change() {
+    let db = Db::new();
+    let a = Mount::on(&db).args(&["--upload-delay", "never"]).start();
+    a.sh("mkdir d && for i in 1 2 3 4; do echo $i > d/f$i; done")
+        .ok();
+    a.upload();
+    let b = Mount::on(&db).args(&["--upload-delay", "never"]).start();
+    a.sh("chmod 600 d/f1 && chown 65534:65534 d/f2").ok();
+    b.sh("chmod 751 d/f3 && chown 1:2 d/f4 && chmod 700 d").ok();
+    let (ta, tb) = (a.path(".s4db/upload"), b.path(".s4db/upload"));
+    let ua = std::thread::spawn(move || fs::write(ta, b"1"));
+    let ub = std::thread::spawn(move || fs::write(tb, b"1"));
+    ua.join().unwrap().unwrap();
+    ub.join().unwrap().unwrap();
+    a.unmount();
+    b.unmount();
+    let c = Mount::on(&db).start();
+    assert_eq!(
+        modes(&c),
+        "700 0 0 d ./d\n600 0 0 f ./d/f1\n644 65534 65534 f ./d/f2\n751 0 0 f ./d/f3\n644 1 2 f ./d/f4\n"
+    );
+    c.unmount();
+    // Python sees the values only.
+    db.assert_python_sees(&tree(&[
+        ("d/f1", b"1\n"),
+        ("d/f2", b"2\n"),
+        ("d/f3", b"3\n"),
+        ("d/f4", b"4\n"),
+    ]));
+}
+
+/// A daemon killed after writing data and changing attributes, before any
+/// upload: the next start publishes both, together.
+#[test]
+fn a_crash_between_writing_data_and_publishing_its_attributes_loses_neither() {
+    let db = Db::new();
+    let local = tempdir("local");
+    let m = Mount::on(&db)
+        .local_dir(local.path())
+        .args(&["--upload-delay", "never"])
+        .start();
+    m.sh("echo 'echo ran' > run.sh && chmod 755 run.sh && ln -s run.sh link && mkdir -m 700 private && mkfifo pipe && setfattr -n user.k -v v run.sh && touch -d 2001-02-03 run.sh")
+        .ok();
+    let before = m
+        .sh("stat -c '%A %Y %N' run.sh link private pipe")
+        .ok()
+        .text();
+    m.kill9();
+    assert_eq!(db.py_values(), BTreeMap::new(), "nothing was uploaded");
+    let m = Mount::on(&db)
+        .local_dir(local.path())
+        .args(&["--upload-delay", "never"])
+        .start();
+    m.upload();
+    m.unmount();
+    let fresh = Mount::on(&db).start();
+    assert_eq!(
+        fresh
+            .sh("stat -c '%A %Y %N' run.sh link private pipe")
+            .ok()
+            .text(),
+        before
+    );
+    assert_eq!(
+        fresh
+            .sh("getfattr -n user.k --only-values run.sh")
+            .ok()
+            .text(),
+        "v"
+    );
+    assert_eq!(
+        fresh.sh("./run.sh; readlink link").ok().text(),
+        "ran\nrun.sh\n"
+    );
+    fresh.unmount();
+}
