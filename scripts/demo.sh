@@ -40,11 +40,16 @@ printf '\n$ echo "written through the mount" > %s/new.txt\n' "$MNT"
 echo "written through the mount" > "$MNT/new.txt"
 run cat "$MNT/new.txt"
 run rm "$MNT/notes/todo.txt"
+# Attributes are kept in the bucket too: modes, owners, times, symlinks, empty directories.
+run chmod 600 "$MNT/new.txt"
+run ln -sfn hello.txt "$MNT/link.txt"
+run mkdir -p -m 700 "$MNT/empty"
 run ls -l "$MNT" "$MNT/notes"
 run cat "$MNT/.s4db/stats"
 printf '\n$ echo > %s/.s4db/upload\n' "$MNT"
 echo > "$MNT/.s4db/upload"
 run "$BIN/s4db" --local-store "$STORE" keys demo/db
+run "$BIN/s4db" --local-store "$STORE" stat demo/db new.txt
 if [[ $KEEP -eq 1 ]]; then
   echo
   echo "Mounted at $MNT; unmount with: fusermount3 -u $MNT"
