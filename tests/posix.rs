@@ -755,3 +755,37 @@ fn an_empty_directory_survives_a_remount() {
     assert!(out.contains("./empty\n") && !out.contains("gone"), "{out}");
     s.unmount();
 }
+
+#[test]
+fn setgid_and_sticky_directories_hard_links_and_exact_times_behave_as_on_disk() {
+    let user = require_root_and_user();
+    let mut s = Sides::new("dirbits");
+    let as_user =
+        |cmd: &str| format!("runuser -u {user} -- sh -c '{cmd}' 2>&1 || echo \"refused: exit $?\"");
+    let check = "stat -c '%A %U:%G %h %n' sg sg/f sg/sub st st/rootfile h1 h2\n\
+                 [ h1 -ef h2 ] && echo 'h1 and h2 are one inode'\n\
+                 stat -c '%y %n' ns lnk";
+    let script = [
+        "mkdir sg && chown root:tests sg && chmod 2775 sg".to_string(),
+        "touch sg/f && mkdir sg/sub".to_string(),
+        "mkdir st && chmod 1777 st && touch st/rootfile && chmod 666 st/rootfile".to_string(),
+        as_user("rm -f st/rootfile"),
+        as_user("echo t > st/theirs && rm st/theirs && echo removed their own"),
+        "printf 'x\\n' > h1 && ln h1 h2".to_string(),
+        "touch -d '2001-02-03 04:05:06.123456789Z' ns".to_string(),
+        "ln -s h1 lnk && touch -h -d @981173106 lnk".to_string(),
+        check.to_string(),
+    ]
+    .join("\n");
+    let out = s.same("setgid, sticky, ln, touch -d", &script);
+    assert!(
+        out.contains("drwxr-sr-x root:tests 2 sg/sub")
+            && out.contains("rm: cannot remove 'st/rootfile': Operation not permitted")
+            && out.contains("h1 and h2 are one inode")
+            && out.contains("04:05:06.123456789"),
+        "{out}"
+    );
+    s.remount();
+    s.same("setgid, sticky, ln, touch -d, remounted", check);
+    s.unmount();
+}
