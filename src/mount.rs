@@ -80,6 +80,13 @@ pub struct MountArgs {
     /// .s4db/upload and unmount upload)
     #[arg(long, value_name = "SECONDS|never", value_parser = parse_delay, default_value = "1")]
     pub upload_delay: Interval,
+    /// Large cold values are read in parts of this many bytes, fetched by
+    /// parallel range GETs (as mountpoint-s3's --read-part-size)
+    #[arg(long, value_name = "BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub read_part_size: u64,
+    /// Range GETs in flight for one large value being read
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub max_threads: usize,
     /// Upload at most this many seconds after the oldest unpublished write,
     /// even while writes keep coming (a steady writer never leaves the
     /// debounce quiet), or `never`
@@ -89,18 +96,61 @@ pub struct MountArgs {
     /// unsynced (one GET of the index), or `never` (only .s4db/refresh)
     #[arg(long, value_name = "SECONDS|never", value_parser = parse_delay, default_value = "60")]
     pub refresh_interval: Interval,
+    /// Run a background compaction round every SECONDS (merge small data
+    /// files by size tier, rewrite mostly dead ones), or `never`
+    #[arg(long, value_name = "SECONDS|never", value_parser = parse_delay, default_value = "60")]
+    pub compact: Interval,
+    /// Compaction merges a size tier once it holds this many data files
+    #[arg(long, value_name = "N", default_value = "4")]
+    pub compact_min_files: usize,
+    /// Compaction rewrites a data file whose live bytes are below this share
+    /// of its size
+    #[arg(long, value_name = "RATIO", default_value = "0.5")]
+    pub compact_dead_ratio: f64,
+    /// Most bytes of data files one compaction round reads
+    #[arg(long, value_name = "BYTES", default_value = "268435456")]
+    pub compact_max_bytes: u64,
+    /// Run gc every SECONDS (delete replaced and orphaned objects past the
+    /// grace period), or `never`
+    #[arg(long, value_name = "SECONDS|never", value_parser = parse_delay, default_value = "3600")]
+    pub gc: Interval,
+    /// gc leaves alone unreferenced objects younger than this and replaced
+    /// ones retired less than this ago (readers of an older index use them)
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds, default_value = "3600")]
+    pub gc_grace: Duration,
+    /// Size cap of the data files in the local directory: published ones are
+    /// evicted least recently used past it (unsynced ones never), or
+    /// `unlimited` (default: 10% of its file system, at most 4 GiB)
+    #[arg(long, value_name = "BYTES|unlimited", value_parser = parse_cache_size)]
+    pub max_cache_size: Option<CacheSize>,
     /// Stay in the foreground
     #[arg(short, long)]
     pub foreground: bool,
-    /// Verbose logging
+    /// Verbose logging (SIGUSR2 cycles the level at run time: info, debug, trace)
     #[arg(short, long)]
     pub debug: bool,
+    /// Log lines as plain text or as one JSON object each
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (off by default)
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Mount over a directory that is not empty (its files are hidden while mounted)
+    #[arg(long)]
+    pub nonempty: bool,
     /// Where the daemon logs (default: LOCAL_DIR/s4db-mount.log; stderr with -f)
     #[arg(long, value_name = "PATH")]
     pub log_file: Option<PathBuf>,
     /// Options in fstab style: ro, allow_other, uid=N, upload_delay=never, ...
     #[arg(short = 'o', value_name = "OPT[,OPT...]")]
     pub options: Vec<String>,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// A number of seconds, or `never` (`None`).
@@ -123,6 +173,27 @@ fn parse_delay(s: &str) -> Result<Interval, String> {
         .filter(|v| v.is_finite() && *v >= 0.0)
         .map(|v| Interval(Some(Duration::from_secs_f64(v))))
         .ok_or_else(|| format!("{s:?} is neither a number of seconds nor `never`"))
+}
+
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v >= 0.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("{s:?} is not a number of seconds"))
+}
+
+/// `--max-cache-size`: bytes, or no cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheSize(pub Option<u64>);
+
+fn parse_cache_size(s: &str) -> Result<CacheSize, String> {
+    if s == "unlimited" {
+        return Ok(CacheSize(None));
+    }
+    s.parse()
+        .map(|b| CacheSize(Some(b)))
+        .map_err(|_| format!("{s:?} is neither a number of bytes nor `unlimited`"))
 }
 
 fn parse_num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, String> {
@@ -162,13 +233,37 @@ impl MountArgs {
                 "dir_mode" => self.dir_mode = parse_mode(need()?)?,
                 "upload_delay" => self.upload_delay = parse_delay(need()?)?,
                 "upload_max_delay" => self.upload_max_delay = parse_delay(need()?)?,
+                "read_part_size" => self.read_part_size = parse_num(key, need()?)?,
+                "max_threads" => self.max_threads = parse_num(key, need()?)?,
                 "refresh_interval" => self.refresh_interval = parse_delay(need()?)?,
+                "compact" => self.compact = parse_delay(need()?)?,
+                "compact_min_files" => self.compact_min_files = parse_num(key, need()?)?,
+                "compact_dead_ratio" => self.compact_dead_ratio = parse_num(key, need()?)?,
+                "compact_max_bytes" => self.compact_max_bytes = parse_num(key, need()?)?,
+                "gc" => self.gc = parse_delay(need()?)?,
+                "gc_grace" => self.gc_grace = parse_seconds(need()?)?,
+                "max_cache_size" => self.max_cache_size = Some(parse_cache_size(need()?)?),
                 "endpoint_url" => self.endpoint_url = Some(need()?.to_string()),
                 "region" => self.region = Some(need()?.to_string()),
                 "profile" => self.profile = Some(need()?.to_string()),
                 "local_dir" => self.local_dir = Some(need()?.into()),
                 "local_store" => self.local_store = Some(need()?.into()),
                 "log_file" => self.log_file = Some(need()?.into()),
+                "log_format" => {
+                    self.log_format = clap::ValueEnum::from_str(need()?, true).map_err(|_| {
+                        format!(
+                            "-o log_format={}: use text or json",
+                            need().unwrap_or_default()
+                        )
+                    })?
+                }
+                "metrics_addr" => {
+                    let v = need()?;
+                    self.metrics_addr = Some(v.parse().map_err(|_| {
+                        format!("-o metrics_addr={v}: not an address such as 127.0.0.1:9464")
+                    })?)
+                }
+                "nonempty" => self.nonempty = true,
                 // What mount(8) and fstab pass along that means nothing here.
                 "defaults" | "_netdev" | "nofail" | "noauto" | "auto" | "user" | "users"
                 | "nouser" | "dev" | "nodev" | "suid" | "nosuid" | "exec" | "noexec" | "atime"
@@ -325,30 +420,108 @@ fn detach_stdio() {
     }
 }
 
-fn init_logging(args: &MountArgs, log_file: Option<&Path>) -> Result<(), String> {
-    let default = if args.debug {
-        "s4db=debug,fuser=info"
-    } else {
-        "s4db=info"
+/// Log levels SIGUSR2 cycles through, as mountpoint-s3 does.
+const LEVELS: [&str; 3] = ["info", "debug", "trace"];
+
+/// Targets that could print request signing material at their verbose
+/// levels are held at `info` whatever the filter says: logs never carry
+/// credentials or signatures.
+const QUIET: &str = "aws_sigv4=info,aws_credential_types=info,aws_config=info";
+
+/// The filter of a log level: our crate at `level`, fuser one step quieter.
+fn level_filter(level: &str) -> tracing_subscriber::EnvFilter {
+    let fuser = if level == "trace" { "debug" } else { "info" };
+    tracing_subscriber::EnvFilter::new(format!("s4db={level},fuser={fuser},{QUIET}"))
+}
+
+type FilterHandle =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+/// Installs the logger (text or JSON, to `log_file` or stderr) and returns
+/// the handle SIGUSR2 changes the level with, and the level it starts at.
+fn init_logging(
+    args: &MountArgs,
+    log_file: Option<&Path>,
+) -> Result<(FilterHandle, usize), String> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let start = usize::from(args.debug);
+    let filter = match std::env::var("S4DB_LOG") {
+        Ok(v) if !v.trim().is_empty() => {
+            tracing_subscriber::EnvFilter::try_new(format!("{v},{QUIET}"))
+                .map_err(|e| format!("S4DB_LOG={v:?} is not a log filter: {e}"))?
+        }
+        _ => level_filter(LEVELS[start]),
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("S4DB_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match log_file {
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    type Base = tracing_subscriber::layer::Layered<
+        tracing_subscriber::reload::Layer<
+            tracing_subscriber::EnvFilter,
+            tracing_subscriber::Registry,
+        >,
+        tracing_subscriber::Registry,
+    >;
+    type Boxed = Box<dyn Layer<Base> + Send + Sync>;
+    let writer = match log_file {
         Some(path) => {
             let file = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(path)
-                .map_err(|e| format!("cannot open the log file {}: {e}", path.display()))?;
-            builder
-                .with_ansi(false)
-                .with_writer(std::sync::Mutex::new(file))
-                .init();
+                .map_err(|e| {
+                    format!(
+                        "cannot open the log file {}: {e}; pick another --log-file",
+                        path.display()
+                    )
+                })?;
+            tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::sync::Mutex::new(file))
         }
-        None => builder.with_writer(std::io::stderr).init(),
+        None => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
+    };
+    let ansi = log_file.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt: Boxed = match args.log_format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(writer)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(writer)
+            .boxed(),
+    };
+    // The filter sits on top of the formatting layer (a reloadable filter
+    // layer must wrap the registry directly).
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .try_init()
+        .map_err(|e| format!("cannot start logging: {e}"))?;
+    Ok((handle, start))
+}
+
+/// SIGUSR2: the next log level (info, debug, trace, info, ...), forever.
+async fn cycle_log_level_on_sigusr2(handle: FilterHandle, mut level: usize) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut usr2) = signal(SignalKind::user_defined2()) else {
+        tracing::warn!("cannot watch SIGUSR2; the log level stays as it is");
+        return;
+    };
+    while usr2.recv().await.is_some() {
+        level = (level + 1) % LEVELS.len();
+        match handle.reload(level_filter(LEVELS[level])) {
+            Ok(()) => tracing::info!("SIGUSR2: log level is now {}", LEVELS[level]),
+            Err(e) => tracing::warn!("SIGUSR2: cannot change the log level: {e}"),
+        }
     }
-    Ok(())
+}
+
+/// Tells systemd (when it started us with `NOTIFY_SOCKET`) how we are doing;
+/// a no-op otherwise.
+fn notify(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::debug!("sd_notify: {e}");
+    }
 }
 
 /// glibc raises its mmap threshold to the largest block freed (up to 32 MB):
@@ -368,6 +541,10 @@ fn return_large_buffers_to_the_system() {
 pub fn main() -> ExitCode {
     let started = std::time::Instant::now();
     return_large_buffers_to_the_system();
+    // Everything the daemon creates (local directory, data files, spill
+    // files, its log) is for its owner only.
+    // SAFETY: umask has no preconditions.
+    unsafe { libc::umask(0o077) };
     let mut args = MountArgs::parse();
     if let Err(e) = args.apply_fstab_options() {
         eprintln!("s4db-mount: error: {e}");
@@ -397,19 +574,30 @@ pub fn main() -> ExitCode {
         .log_file
         .clone()
         .or_else(|| (!args.foreground).then(|| local_dir.join("s4db-mount.log")));
-    if let Err(e) = init_logging(&args, log_file.as_deref()) {
-        readiness.failed(&e);
-        return ExitCode::from(2);
-    }
+    let log_level = match init_logging(&args, log_file.as_deref()) {
+        Ok(l) => l,
+        Err(e) => {
+            readiness.failed(&e);
+            return ExitCode::from(2);
+        }
+    };
     // A daemon's stderr is /dev/null: panics must reach the log.
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         tracing::error!("{info}");
         default_hook(info);
     }));
-    match serve(&args, &target, &local_dir, &mut readiness, started) {
+    match serve(
+        &args,
+        &target,
+        &local_dir,
+        &mut readiness,
+        started,
+        log_level,
+    ) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            notify(&[sd_notify::NotifyState::Status(&format!("failed: {e}"))]);
             // In the foreground the log is stderr, where `failed` prints it.
             if !args.foreground {
                 tracing::error!("{e}");
@@ -437,6 +625,38 @@ fn prepare(args: &mut MountArgs) -> Result<(DbTarget, PathBuf), String> {
             mp.display()
         ));
     }
+    if !args.nonempty {
+        check_empty(mp)?;
+    }
+    check_fuse_device()?;
+    // SAFETY: geteuid cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    // Root mounts with mount(2); anyone else (and auto_unmount) goes through
+    // the setuid fusermount3.
+    if (!root || args.auto_unmount) && find_program(&["fusermount3", "fusermount"]).is_none() {
+        let path = std::env::var("PATH").unwrap_or_default();
+        return Err(format!(
+            "fusermount3 is not installed (not found on PATH={path}): {} mounts through it; \
+             install the fuse3 package (apt-get install fuse3, dnf install fuse3){}",
+            if root {
+                "auto_unmount"
+            } else {
+                "a user other than root"
+            },
+            if root {
+                ", or drop --auto-unmount"
+            } else {
+                ", or mount as root"
+            }
+        ));
+    }
+    if args.allow_other && !root && !fuse_conf_allows_other(FUSE_CONF) {
+        return Err(format!(
+            "--allow-other needs a line `user_allow_other` in {FUSE_CONF} when a user other \
+             than root mounts: add it (as root), mount as root, or drop --allow-other \
+             (-o allow_other)"
+        ));
+    }
     if let Some(root) = &args.local_store {
         args.local_store = Some(absolute(root));
     }
@@ -444,16 +664,194 @@ fn prepare(args: &mut MountArgs) -> Result<(DbTarget, PathBuf), String> {
         Some(d) => absolute(d),
         None => args.default_local_dir(&target),
     };
-    std::fs::create_dir_all(&local_dir).map_err(|e| {
-        format!(
-            "cannot create the local directory {}: {e}",
-            local_dir.display()
-        )
-    })?;
+    crate::db::create_private_dir(&local_dir).map_err(|e| local_dir_error(&local_dir, &e))?;
+    if let Some(w) = crate::db::privacy_warning(&local_dir) {
+        eprintln!("s4db-mount: warning: {w}");
+    }
+    check_writable(&local_dir)?;
     if let Some(log) = &args.log_file {
         args.log_file = Some(absolute(log));
     }
     Ok((target, local_dir))
+}
+
+const FUSE_CONF: &str = "/etc/fuse.conf";
+
+/// Whether fuse.conf has an uncommented `user_allow_other` line.
+fn fuse_conf_allows_other(path: &str) -> bool {
+    std::fs::read_to_string(path).is_ok_and(|conf| {
+        conf.lines()
+            .map(|l| l.split('#').next().unwrap_or("").trim())
+            .any(|l| l == "user_allow_other")
+    })
+}
+
+/// The first of `names` found on `PATH`.
+fn find_program(names: &[&str]) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    names.iter().find_map(|name| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(name))
+            .find(|p| {
+                std::fs::metadata(p)
+                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            })
+    })
+}
+
+/// `/dev/fuse` must be the FUSE character device, and ours to open.
+fn check_fuse_device() -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    const DEV: &str = "/dev/fuse";
+    const HOW: &str = "load the module (modprobe fuse) or, in a container, run it with \
+                       --device /dev/fuse --cap-add SYS_ADMIN";
+    match std::fs::metadata(DEV) {
+        Ok(m) if m.file_type().is_char_device() => {}
+        Ok(_) => {
+            return Err(format!(
+                "{DEV} is not the FUSE device (not a character device): {HOW}"
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!(
+                "{DEV} does not exist: this system has no FUSE; {HOW}"
+            ))
+        }
+        Err(e) => return Err(format!("cannot use {DEV}: {e}; {HOW}")),
+    }
+    match std::fs::OpenOptions::new().read(true).write(true).open(DEV) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(format!(
+            "cannot open {DEV}: permission denied; make it usable by this user \
+             (chmod 0666 {DEV}, its usual mode) or mount as root"
+        )),
+        Err(e) => Err(format!("cannot open {DEV}: {e}; {HOW}")),
+    }
+}
+
+/// Files in the mount point would be hidden while mounted: refused unless
+/// `--nonempty`. An autofs trigger (systemd automount) is left alone:
+/// reading it would wait for the very mount being made.
+fn check_empty(mp: &Path) -> Result<(), String> {
+    const AUTOFS_SUPER_MAGIC: i64 = 0x0187;
+    if let Ok(c) = std::ffi::CString::new(mp.as_os_str().as_encoded_bytes()) {
+        // SAFETY: statfs fills the struct it is given; the path is NUL-terminated.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0
+            && st.f_type as i64 == AUTOFS_SUPER_MAGIC
+        {
+            return Ok(());
+        }
+    }
+    let Ok(mut entries) = std::fs::read_dir(mp) else {
+        return Ok(());
+    };
+    match entries.next() {
+        Some(Ok(first)) => Err(format!(
+            "mount point {} is not empty (it holds {:?}{}): those files would be hidden \
+             while mounted; empty it, mount somewhere else, or pass --nonempty (-o nonempty)",
+            mp.display(),
+            first.file_name(),
+            if entries.next().is_some() {
+                " and more"
+            } else {
+                ""
+            }
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// What to say when the local directory cannot be made or written.
+fn local_dir_error(dir: &Path, e: &std::io::Error) -> String {
+    let d = dir.display();
+    match e.raw_os_error() {
+        Some(libc::EROFS) => format!(
+            "the local directory {d} is on a read-only filesystem: data files and unsynced \
+             writes are kept there, so pick a writable --local-dir"
+        ),
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => {
+            let free = free_bytes(dir).map_or(String::new(), |b| format!(" ({b} bytes free)"));
+            format!(
+                "the filesystem of the local directory {d} is full{free}: free some space \
+                 there or pick another --local-dir"
+            )
+        }
+        Some(libc::EACCES) | Some(libc::EPERM) => format!(
+            "cannot write in the local directory {d}: permission denied; pick a --local-dir \
+             this user may write in"
+        ),
+        _ => format!("cannot use the local directory {d}: {e}; pick another --local-dir"),
+    }
+}
+
+/// Bytes available to this user on the filesystem of `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statvfs fills the struct it is given; the path is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    (unsafe { libc::statvfs(c.as_ptr(), &mut st) } == 0)
+        .then(|| st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Writes (and removes) a small file in the local directory: a read-only or
+/// full filesystem is refused now, not at the first write through the mount.
+fn check_writable(dir: &Path) -> Result<(), String> {
+    let probe = dir.join(format!(".s4db-mount-probe-{}", std::process::id()));
+    let wrote = (|| {
+        let mut f = std::fs::File::create(&probe)?;
+        f.write_all(&[0u8; 64 * 1024])?;
+        f.sync_all()
+    })();
+    let _ = std::fs::remove_file(&probe);
+    wrote.map_err(|e| local_dir_error(dir, &e))
+}
+
+/// Adds what to do to an error of opening the database: check the endpoint
+/// and the network, or the credentials.
+fn advise(msg: String, args: &MountArgs) -> String {
+    let lower = msg.to_ascii_lowercase();
+    let refused = [
+        "invalidaccesskeyid",
+        "signaturedoesnotmatch",
+        "accessdenied",
+        "access denied",
+        "403 forbidden",
+        "expiredtoken",
+        "invalidtoken",
+        "no usable aws credentials",
+    ];
+    if refused.iter().any(|w| lower.contains(w)) {
+        let profile = match &args.profile {
+            Some(p) => format!("the profile {p:?} in ~/.aws"),
+            None => "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, --profile, or the instance role"
+                .to_string(),
+        };
+        return format!(
+            "{msg}\nS3 refused the credentials: check {profile}, and that they may read and \
+             write {}",
+            args.db
+        );
+    }
+    let unreachable = [
+        "could not connect",
+        "timed out",
+        "dns error",
+        "failed to lookup",
+        "connection refused",
+    ];
+    if unreachable.iter().any(|w| lower.contains(w)) {
+        let endpoint = match &args.endpoint_url {
+            Some(u) => format!("the endpoint {u} (--endpoint-url)"),
+            None => "the region (--region) and the endpoint (--endpoint-url)".to_string(),
+        };
+        return format!(
+            "{msg}\nS3 is not reachable from here: check {endpoint}, the network and any \
+             proxy (HTTPS_PROXY)"
+        );
+    }
+    msg
 }
 
 fn mount_options(args: &MountArgs, db: &str) -> Vec<MountOption> {
@@ -487,12 +885,29 @@ fn serve(
     local_dir: &Path,
     readiness: &mut Readiness,
     started: std::time::Instant,
+    (log_filter, log_level): (FilterHandle, usize),
 ) -> Result<(), String> {
+    use sd_notify::NotifyState;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(std::thread::available_parallelism().map_or(4, |n| n.get().max(4)))
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    rt.spawn(cycle_log_level_on_sigusr2(log_filter, log_level));
+    // Bound before the mount, so a taken port fails the start, not later.
+    let metrics = match args.metrics_addr {
+        Some(addr) => Some(
+            rt.block_on(tokio::net::TcpListener::bind(addr))
+                .map_err(|e| {
+                    format!(
+                        "cannot serve metrics on {addr}: {e}; pick another --metrics-addr \
+                         (or stop what listens there)"
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    notify(&[NotifyState::Status(&format!("opening {}", args.db))]);
     let (fs, store) = rt.block_on(open_fs(args, target, local_dir))?;
     let adapter = FuseAdapter::new(fs.clone(), rt.handle().clone());
     let mut session =
@@ -508,9 +923,32 @@ fn serve(
     rt.spawn(fs.clone().run_uploader());
     rt.spawn(fs.clone().run_refresher());
     rt.spawn(fs.clone().preload_hints());
+    rt.spawn(fs.clone().run_maintainer(maintain_config(args, local_dir)));
     let unmounter = session.unmount_callable();
     rt.spawn(unmount_on_signal(unmounter, args.mountpoint.clone()));
+    if let Some(listener) = metrics {
+        let weak = Arc::downgrade(&fs);
+        crate::metrics::set_source(move || weak.upgrade().map(|fs| fs.metrics_snapshot()));
+        match listener.local_addr() {
+            Ok(a) => tracing::info!("metrics at http://{a}/metrics"),
+            Err(_) => tracing::info!("metrics served"),
+        }
+        rt.spawn(crate::metrics::serve(listener));
+    }
     readiness.ready();
+    let status = format!(
+        "mounted {} on {}: {} keys",
+        args.db,
+        args.mountpoint.display(),
+        fs.db().len()
+    );
+    // SAFETY: getpid cannot fail.
+    let pid = unsafe { libc::getpid() } as u32;
+    notify(&[
+        NotifyState::Ready,
+        NotifyState::MainPid(pid),
+        NotifyState::Status(&status),
+    ]);
     // scripts/bench_scale.sh parses this line.
     let fetched = fs.db().index_fetched_at().duration_since(started);
     let ready = started.elapsed();
@@ -526,6 +964,10 @@ fn serve(
     }
     let served = session.run();
     drop(session);
+    notify(&[
+        NotifyState::Stopping,
+        NotifyState::Status("unmounted; uploading what is left"),
+    ]);
     tracing::info!("unmounted; uploading what is left");
     let shut = rt.block_on(fs.shutdown());
     served.map_err(|e| format!("the FUSE session failed: {e}"))?;
@@ -539,12 +981,30 @@ fn serve(
     Ok(())
 }
 
+/// The background maintenance from the options.
+fn maintain_config(args: &MountArgs, local_dir: &Path) -> crate::fs::maintain::MaintainConfig {
+    crate::fs::maintain::MaintainConfig {
+        compact_interval: args.compact.0,
+        compact: crate::db::CompactOptions {
+            min_files: args.compact_min_files.max(2),
+            dead_ratio: args.compact_dead_ratio,
+            max_round_bytes: args.compact_max_bytes,
+        },
+        gc_interval: args.gc.0,
+        gc_grace: args.gc_grace,
+        max_cache_size: match args.max_cache_size {
+            Some(CacheSize(cap)) => cap,
+            None => Some(crate::fs::maintain::default_cache_cap(local_dir)),
+        },
+    }
+}
+
 async fn open_fs(
     args: &MountArgs,
     target: &DbTarget,
     local_dir: &Path,
 ) -> Result<(Arc<S4Fs>, Arc<MeteredStore>), String> {
-    let fail = |e: &dyn std::fmt::Display| format!("cannot open {}: {e}", args.db);
+    let fail = |e: &dyn std::fmt::Display| advise(format!("cannot open {}: {e}", args.db), args);
     let inner = args
         .store_options()
         .connect(target)
@@ -573,6 +1033,10 @@ async fn open_fs(
         upload_max_delay: args.upload_max_delay.0,
         refresh_interval: args.refresh_interval.0,
         spill_dir: local_dir.join("spill"),
+        stream: crate::fs::stream::StreamConfig {
+            part_size: args.read_part_size,
+            parallelism: args.max_threads.max(1),
+        },
         meta_path: Some(local_dir.join("s4db-mount.meta")),
     };
     let fs = S4Fs::new(db, store.clone(), cfg).map_err(|e| fail(&e))?;
@@ -595,6 +1059,10 @@ async fn unmount_on_signal(mut unmounter: fuser::SessionUnmounter, mountpoint: P
         _ = int.recv() => {}
     }
     tracing::info!("signal received: unmounting {}", mountpoint.display());
+    notify(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("signal received: unmounting"),
+    ]);
     let _ = unmounter.unmount();
     if is_mounted(&mountpoint) {
         let status = std::process::Command::new("fusermount3")

@@ -1409,3 +1409,49 @@ fn a_crash_between_writing_data_and_publishing_its_attributes_loses_neither() {
     );
     fresh.unmount();
 }
+
+// ======================================================= large cold reads
+
+/// A large cold value is read by parallel part GETs (`--read-part-size`),
+/// byte for byte; a corrupted object fails the read with EIO at the latest
+/// when the value's last byte would be returned.
+#[test]
+fn large_cold_reads_fetch_parts_in_parallel_and_a_bad_crc_fails_with_eio() {
+    let db = Db::new();
+    let src = tempdir("src");
+    let big = noise(12_000_000);
+    fs::write(src.path().join("big"), &big).unwrap();
+    let m = Mount::on(&db).start();
+    m.sh(&format!("cp {} big", q(&src.path().join("big")))).ok();
+    m.upload();
+    m.unmount();
+
+    let parts = ["--read-part-size", "2000000", "--max-threads", "4"];
+    let m = Mount::on(&db).args(&parts).start();
+    assert_eq!(fs::read(m.path("big")).unwrap(), big);
+    let stats = m.stats();
+    let ranges = stats["s3_requests"]["get_range"].as_u64().unwrap();
+    assert!((6..=8).contains(&ranges), "6 parts and a head: {stats}");
+    assert!(
+        stats["s3_requests"]["max_in_flight"].as_u64().unwrap() >= 2,
+        "{stats}"
+    );
+    m.unmount();
+
+    // One byte flipped in the middle of the value: the read fails.
+    let object = db.data_objects().pop().unwrap();
+    let mut bytes = db.get_object(&object);
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    db.put_object(&object, &bytes);
+    let m = Mount::on(&db).args(&parts).start();
+    let err = fs::read(m.path("big")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    // A read that stops short of the end is served (the CRC cannot be
+    // checked before every part is in), a read to the end is not.
+    m.sh("dd if=big of=/dev/null bs=1M count=1 status=none")
+        .ok();
+    m.sh("cat big > /dev/null")
+        .fails_with(&["Input/output error"]);
+    m.unmount();
+}

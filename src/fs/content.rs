@@ -21,6 +21,8 @@ pub struct Content {
     store: Store,
     len: u64,
     spill_dir: PathBuf,
+    /// While a large value is still arriving into the spill file.
+    stream: Option<std::sync::Arc<super::stream::Stream>>,
 }
 
 impl Content {
@@ -29,6 +31,7 @@ impl Content {
             store: Store::Memory(Vec::new()),
             len: 0,
             spill_dir: spill_dir.to_path_buf(),
+            stream: None,
         }
     }
 
@@ -37,6 +40,7 @@ impl Content {
             len: bytes.len() as u64,
             store: Store::Memory(bytes),
             spill_dir: spill_dir.to_path_buf(),
+            stream: None,
         };
         c.spill_if_large()?;
         Ok(c)
@@ -48,7 +52,42 @@ impl Content {
             store: Store::Spilled(file),
             len,
             spill_dir: spill_dir.to_path_buf(),
+            stream: None,
         }
+    }
+
+    /// Content of `len` bytes that `stream` is still writing into `file`:
+    /// reads wait for [`Content::ready`].
+    pub fn streaming(
+        file: File,
+        len: u64,
+        spill_dir: &Path,
+        stream: std::sync::Arc<super::stream::Stream>,
+    ) -> Content {
+        Content {
+            stream: Some(stream),
+            ..Content::from_spill_file(file, len, spill_dir)
+        }
+    }
+
+    /// Waits until bytes `[offset, offset + size)` can be read (they are
+    /// always there unless a large value is still arriving). A failed fetch
+    /// or a CRC mismatch is an I/O error.
+    pub async fn ready(&self, offset: u64, size: u32) -> io::Result<()> {
+        match &self.stream {
+            Some(s) => s.ready(offset, size as u64).await.map_err(io::Error::other),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until a value still arriving is whole and checked (before a
+    /// write changes it).
+    pub async fn settle(&mut self) -> io::Result<()> {
+        if let Some(s) = &self.stream {
+            s.ready_all().await.map_err(io::Error::other)?;
+        }
+        self.stream = None;
+        Ok(())
     }
 
     /// A fresh unlinked temporary file in the spill directory.

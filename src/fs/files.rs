@@ -212,9 +212,17 @@ impl S4Fs {
                     // Straight into a temporary file: a large value is not held in memory.
                     off_session_thread().await;
                     let file = Content::spill_file(spill)?;
-                    let len;
-                    (len, binary) = self.db.get_into_file(path, loc, &file).await?;
-                    Content::from_spill_file(file, len, spill)
+                    match self.stream_value(path, loc, &file, for_write).await? {
+                        Some((stream, len, bin)) => {
+                            binary = bin;
+                            Content::streaming(file, len, spill, stream)
+                        }
+                        None => {
+                            let len;
+                            (len, binary) = self.db.get_into_file(path, loc, &file).await?;
+                            Content::from_spill_file(file, len, spill)
+                        }
+                    }
                 }
                 None => {
                     let near = match for_write && loc.length <= SMALL_ENTRY {
@@ -249,6 +257,53 @@ impl S4Fs {
         Ok(false)
     }
 
+    /// A read of a large cold value: parallel part GETs into `file`, served
+    /// as they arrive (see `stream`). `None` when the value is not one to
+    /// stream (its data file is here, it is compressed, or this is a write,
+    /// which needs it whole anyway).
+    async fn stream_value(
+        &self,
+        path: &str,
+        loc: Location,
+        file: &std::fs::File,
+        for_write: bool,
+    ) -> FsResult<Option<(Arc<stream::Stream>, u64, bool)>> {
+        if for_write {
+            return Ok(None);
+        }
+        let local = self.db.local_dir()?;
+        if local
+            .size_of(loc.file_id)?
+            .is_some_and(|n| n >= loc.offset + loc.length as u64)
+        {
+            return Ok(None);
+        }
+        let object = format!(
+            "{}{}",
+            self.db.prefix(),
+            crate::format::data_file_name(loc.file_id)
+        );
+        let shared = Arc::new(file.try_clone()?);
+        let opened = stream::open(
+            self.db.store().clone(),
+            object,
+            path,
+            loc,
+            shared,
+            self.cfg.stream,
+            &self.rt,
+        )
+        .await?;
+        Ok(match opened {
+            stream::Opening::Streaming(s, binary) => {
+                let len = loc.length as u64 - path.len() as u64 - crate::format::ENTRY_OVERHEAD;
+                file.set_len(len)?;
+                Some((s, len, binary))
+            }
+            stream::Opening::Whole => None,
+        })
+    }
+
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         match &*self.handle(fh)? {
             Handle::Control { snapshot, .. } => {
@@ -266,6 +321,13 @@ impl S4Fs {
                     self.relatime(*ino, &path, d.base);
                 }
                 let content = d.content.as_ref().expect("loaded");
+                if let Err(e) = content.ready(offset, size).await {
+                    // A failed part or a CRC mismatch: this open fails the
+                    // read, and the next open drops the pages read so far.
+                    d.content = None;
+                    lock(&self.cached).remove(ino);
+                    return Err(e.into());
+                }
                 Ok(content.read(offset, size)?)
             }
         }
@@ -295,6 +357,7 @@ impl S4Fs {
                 let mut d = open.data.lock().await;
                 self.ensure_loaded(*ino, &path, &mut d, true).await?;
                 let content = d.content.as_mut().expect("loaded");
+                content.settle().await?;
                 let offset = if *append { content.len() } else { offset };
                 let end = offset + data.len() as u64;
                 check_entry_size(&path, end)?;
@@ -512,6 +575,7 @@ impl S4Fs {
                 d.content = Some(Content::empty(&self.cfg.spill_dir));
             } else {
                 self.ensure_loaded(ino, path, &mut d, true).await?;
+                d.content.as_mut().expect("loaded").settle().await?;
             }
             d.content.as_mut().expect("loaded").truncate(size)?;
             d.dirty = true;

@@ -145,6 +145,30 @@ impl MetaCache {
         }
     }
 
+    /// Forgets what is known of entries that are gone: hint lengths of data
+    /// files not in `files`, and, once the map holds many more records than
+    /// the `live_keys` the index has, every record `live` does not name
+    /// (then the file is rewritten too). Keeps memory and the file as large
+    /// as the live data, not the history.
+    pub fn prune(
+        &self,
+        files: &HashSet<u64>,
+        live_keys: usize,
+        live: impl FnOnce() -> HashSet<(u64, u64)>,
+    ) -> io::Result<()> {
+        self.hinted
+            .write()
+            .unwrap()
+            .retain(|id, _| files.contains(id));
+        if self.map.lock().unwrap().len() <= 2 * live_keys + PRUNE_SLACK {
+            return Ok(());
+        }
+        let live = live();
+        self.map.lock().unwrap().retain(|k, _| live.contains(k));
+        self.save()?;
+        self.rewrite()
+    }
+
     /// Makes what was learned durable (called after uploads and at unmount).
     pub fn save(&self) -> io::Result<()> {
         if let Some(w) = self.log.lock().unwrap().as_mut() {

@@ -13,9 +13,11 @@ mod dirs;
 pub mod error;
 mod files;
 pub mod inodes;
+pub mod maintain;
 pub mod meta;
 pub mod names;
 mod special;
+pub mod stream;
 mod sync;
 pub use sync::StatFs;
 pub mod value_cache;
@@ -64,6 +66,8 @@ pub struct FsConfig {
     pub refresh_interval: Option<Duration>,
     /// Where large open files spill (the local directory).
     pub spill_dir: PathBuf,
+    /// How large cold values are fetched: part size and parallel GETs.
+    pub stream: stream::StreamConfig,
     /// Where value sizes learned from the store are remembered.
     pub meta_path: Option<PathBuf>,
 }
@@ -187,6 +191,8 @@ pub struct S4Fs {
     first_unsynced: Mutex<Option<Instant>>,
     /// Where background work runs (calls may come from the FUSE thread).
     rt: tokio::runtime::Handle,
+    /// The background maintenance's settings and last failure.
+    maint: Mutex<maintain::MaintState>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -231,6 +237,7 @@ impl S4Fs {
             // Writes replayed from a process that died count from now.
             first_unsynced: Mutex::new(db_unsynced.then(Instant::now)),
             rt: tokio::runtime::Handle::current(),
+            maint: Mutex::new(Default::default()),
         });
         if db_unsynced {
             fs.upload_wanted.notify_one();

@@ -77,7 +77,23 @@ impl S4Fs {
             "oldest_unsynced_write_seconds": self.oldest_unsynced_age().map(|d| d.as_secs_f64()),
             "refresh_interval_seconds": self.cfg.refresh_interval.map(|d| d.as_secs_f64()),
             "last_error": lock(&self.last_error).clone(),
+            "maintenance": self.maintenance_json(),
         })
+    }
+
+    /// The database's state for a metrics scrape.
+    pub fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
+        let s = self.db.stats();
+        crate::metrics::Snapshot {
+            keys: s.keys as u64,
+            live_bytes: s.live_bytes,
+            data_files: s.data_files as u64,
+            unsynced_entries: (s.unsynced_changes + s.unsynced_attr_changes) as u64,
+            unpublished_files: s.unpublished_files as u64,
+            oldest_unsynced_write: self.oldest_unsynced_age(),
+            open_files: lock(&self.open_files).len() as u64,
+            cache_hits: self.cache_hits.load(Ordering::Relaxed),
+        }
     }
 
     pub(super) fn record_error(&self, what: &str, e: &dyn std::fmt::Display) {
@@ -112,7 +128,9 @@ impl S4Fs {
                 self.upload().await?;
                 let before: Vec<(crate::format::Key, Location)> =
                     db.read_index(|idx| idx.iter().map(|(k, l)| (k.clone(), *l)).collect());
-                db.compact().await?;
+                let compacted = db.compact().await;
+                crate::metrics::global().compaction(&compacted);
+                compacted?;
                 // Values did not change, only where they are: their sizes and
                 // put times move along (so `rsync -a` sees nothing new).
                 for (key, old) in before {
@@ -128,7 +146,21 @@ impl S4Fs {
                 self.upload().await
             }
             ControlFile::Gc => {
-                db.gc(Duration::from_secs(24 * 3600)).await?;
+                // The sizes of what gc may delete, for the metrics (gc names
+                // the files it deleted, not their sizes).
+                let sizes: HashMap<String, u64> =
+                    match crate::remote::ObjectStore::list(&*self.store, db.prefix()).await {
+                        Ok(objects) => objects
+                            .into_iter()
+                            .map(|o| (o.key.trim_start_matches(db.prefix()).to_string(), o.size))
+                            .collect(),
+                        Err(_) => HashMap::new(),
+                    };
+                let r = db.gc(Duration::from_secs(24 * 3600)).await;
+                let deleted = r.as_ref().map_or(&[][..], |d| d.as_slice());
+                let bytes = deleted.iter().filter_map(|n| sizes.get(n)).sum();
+                crate::metrics::global().gc(r.is_ok(), deleted.len() as u64, bytes);
+                r?;
                 Ok(())
             }
             ControlFile::Refresh => {
@@ -152,7 +184,10 @@ impl S4Fs {
         if self.db.has_unsynced_writes() {
             // Writes from here on are not in this upload: they start a new wait.
             let pending = lock(&self.first_unsynced).take();
-            if let Err(e) = self.db.upload().await {
+            let taken = crate::metrics::global().upload_started();
+            let uploaded = self.db.upload().await;
+            crate::metrics::global().upload_finished(taken, &uploaded);
+            if let Err(e) = uploaded {
                 let mut first = lock(&self.first_unsynced);
                 *first = match (pending, *first) {
                     (Some(a), Some(b)) => Some(a.min(b)),

@@ -42,6 +42,7 @@ async fn fixture(seed: &[(&str, Value)]) -> Fixture {
         upload_max_delay: None,
         refresh_interval: None,
         spill_dir: local.join("spill"),
+        stream: stream::StreamConfig::default(),
         meta_path: Some(local.join("meta")),
     };
     let fs = S4Fs::new(db, store, cfg).unwrap();

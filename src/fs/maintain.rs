@@ -1,0 +1,209 @@
+//! The mount's background maintenance: incremental compaction rounds, gc,
+//! the size cap of the local directory, and pruning of per-file memory, so a
+//! mount can run for months with a bounded object count, a bounded local
+//! directory and flat memory (README, "A mount that runs for months").
+//!
+//! Every `tick` the loop evicts published data files past the cache cap;
+//! every `compact_interval` it runs compaction rounds (each bounded by its
+//! read budget, holding the engine's maintenance lock for one round: an
+//! upload waits at most that long) while they find work; every `gc_interval`
+//! it runs gc with `gc_grace`. Compaction and gc only start when nothing is
+//! unsynced: the debounced upload comes first, and the next turn tries again.
+
+use super::*;
+use crate::db::CompactOptions;
+use std::collections::HashSet;
+
+/// How the background maintenance runs.
+#[derive(Debug, Clone)]
+pub struct MaintainConfig {
+    /// Compaction rounds this often; `None`: never (`.s4db/compact` still works).
+    pub compact_interval: Option<Duration>,
+    pub compact: CompactOptions,
+    /// gc this often; `None`: never.
+    pub gc_interval: Option<Duration>,
+    /// What gc leaves alone: unreferenced objects younger than this, and
+    /// retired ones retired less than this ago.
+    pub gc_grace: Duration,
+    /// Cap of the data files in the local directory; `None`: unlimited.
+    pub max_cache_size: Option<u64>,
+}
+
+/// Rounds run back to back while they find work, at most.
+const ROUNDS_PER_TURN: usize = 8;
+/// How often the cache cap and memory are checked, at most.
+const TICK: Duration = Duration::from_secs(5);
+/// How often per-file memory is pruned (one pass over the index).
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+impl Default for MaintainConfig {
+    fn default() -> Self {
+        MaintainConfig {
+            compact_interval: Some(Duration::from_secs(60)),
+            compact: CompactOptions::default(),
+            gc_interval: Some(Duration::from_secs(3600)),
+            gc_grace: Duration::from_secs(3600),
+            max_cache_size: Some(4 << 30),
+        }
+    }
+}
+
+/// The default cap of the local directory: 10% of its file system, at most 4 GiB
+/// (at least 64 MiB).
+pub fn default_cache_cap(dir: &std::path::Path) -> u64 {
+    const MAX: u64 = 4 << 30;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return MAX;
+    };
+    // SAFETY: statvfs fills the struct we pass; the path is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return MAX;
+    }
+    let size = st.f_blocks as u64 * st.f_frsize as u64;
+    (size / 10).clamp(64 << 20, MAX)
+}
+
+/// What the loop reports in `.s4db/stats`.
+#[derive(Debug, Default)]
+pub(super) struct MaintState {
+    pub cfg: Option<MaintainConfig>,
+    pub last_error: Option<String>,
+}
+
+impl S4Fs {
+    /// Runs the background maintenance forever (spawn it once).
+    pub async fn run_maintainer(self: Arc<Self>, cfg: MaintainConfig) {
+        lock(&self.maint).cfg = Some(cfg.clone());
+        let writes = !self.cfg.read_only;
+        let tick = [cfg.compact_interval, cfg.gc_interval]
+            .into_iter()
+            .flatten()
+            .chain([TICK])
+            .min()
+            .unwrap_or(TICK)
+            .max(Duration::from_millis(10));
+        let start = Instant::now();
+        let (mut next_compact, mut next_gc) = (
+            cfg.compact_interval.map(|d| start + d),
+            cfg.gc_interval.map(|d| start + d),
+        );
+        let mut next_prune = start + PRUNE_EVERY;
+        loop {
+            tokio::time::sleep(tick).await;
+            if let Some(cap) = cfg.max_cache_size {
+                if let Err(e) = self.db.evict_local(cap) {
+                    self.maint_error("evicting from the local directory", &e);
+                }
+            }
+            let now = Instant::now();
+            if writes && next_compact.is_some_and(|t| now >= t) && !self.db.has_unsynced_writes() {
+                next_compact = cfg.compact_interval.map(|d| now + d);
+                self.compact_turn(&cfg.compact).await;
+            }
+            if writes && next_gc.is_some_and(|t| now >= t) && !self.db.has_unsynced_writes() {
+                next_gc = cfg.gc_interval.map(|d| now + d);
+                if let Err(e) = self.db.gc(cfg.gc_grace).await {
+                    if !matches!(e, crate::Error::Unsynced(_)) {
+                        self.maint_error("background gc", &e);
+                    }
+                }
+            }
+            if now >= next_prune {
+                next_prune = now + PRUNE_EVERY;
+                self.prune_memory();
+            }
+        }
+    }
+
+    /// Compaction rounds while they find work (bounded).
+    async fn compact_turn(&self, opts: &CompactOptions) {
+        for _ in 0..ROUNDS_PER_TURN {
+            match self.db.compact_round(opts).await {
+                Ok(r) => {
+                    // Values did not change, only where they are: their sizes
+                    // and put times move along.
+                    for (_, old, new) in &r.moves {
+                        if let Some(m) = self.meta.get(*old) {
+                            self.meta.insert(*new, m);
+                        }
+                    }
+                    if let Err(e) = self.meta.save() {
+                        tracing::warn!("cannot save value sizes: {e}");
+                    }
+                    if !r.did_work() {
+                        return;
+                    }
+                }
+                // Writes came meanwhile: the upload goes first.
+                Err(crate::Error::Unsynced(_)) => return,
+                Err(e) => {
+                    self.maint_error("background compaction", &e);
+                    // The copies and moves are kept: the next upload commits them.
+                    if self.db.has_unsynced_writes() {
+                        lock(&self.first_unsynced).get_or_insert(Instant::now());
+                        self.upload_wanted.notify_one();
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn maint_error(&self, what: &str, e: &dyn std::fmt::Display) {
+        lock(&self.maint).last_error = Some(format!("{} {what}: {e}", humantime_now()));
+        self.record_error(what, e);
+    }
+
+    /// Forgets per-file facts of data files the index no longer references
+    /// (hint lookups, hint lengths) and sizes of entries that are gone, so
+    /// memory follows the live data, not the history.
+    fn prune_memory(&self) {
+        let hinted = lock(&self.hinted).len();
+        let (files, keys): (HashSet<u64>, usize) = self
+            .db
+            .read_index(|idx| (idx.values().map(|l| l.file_id).collect(), idx.len()));
+        if hinted > files.len() + 64 {
+            lock(&self.hinted).retain(|id, _| files.contains(id));
+        }
+        let live = || {
+            self.db
+                .read_index(|idx| idx.values().map(|l| (l.file_id, l.offset)).collect())
+        };
+        if let Err(e) = self.meta.prune(&files, keys, live) {
+            tracing::warn!("cannot rewrite the value sizes file: {e}");
+        }
+    }
+
+    /// The `maintenance` part of `.s4db/stats`.
+    pub(super) fn maintenance_json(&self) -> serde_json::Value {
+        let st = lock(&self.maint);
+        let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
+        let mut v = serde_json::to_value(self.db.maintenance_stats()).unwrap_or_default();
+        if let serde_json::Value::Object(m) = &mut v {
+            let cfg = st.cfg.as_ref();
+            m.insert(
+                "compact_interval_seconds".into(),
+                serde_json::json!(secs(cfg.and_then(|c| c.compact_interval))),
+            );
+            m.insert(
+                "gc_interval_seconds".into(),
+                serde_json::json!(secs(cfg.and_then(|c| c.gc_interval))),
+            );
+            m.insert(
+                "gc_grace_seconds".into(),
+                serde_json::json!(cfg.map(|c| c.gc_grace.as_secs_f64())),
+            );
+            m.insert(
+                "max_cache_size".into(),
+                serde_json::json!(cfg.and_then(|c| c.max_cache_size)),
+            );
+            m.insert(
+                "local_cache_bytes".into(),
+                serde_json::json!(self.db.local_data_bytes().unwrap_or(0)),
+            );
+            m.insert("last_error".into(), serde_json::json!(st.last_error));
+        }
+        v
+    }
+}
