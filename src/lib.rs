@@ -45,5 +45,6 @@ pub use format::Value;
 pub mod cli;
 pub mod fs;
 pub mod fuse;
+pub mod metrics;
 pub mod mount;
 pub mod target;

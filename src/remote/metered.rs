@@ -1,12 +1,15 @@
 //! A wrapper that counts requests by kind, for `.s4db/stats` and benchmarks:
-//! "zero S3 requests for `ls -l`" is a claim the counters can check.
+//! "zero S3 requests for `ls -l`" is a claim the counters can check. Each
+//! request is also recorded in the Prometheus metrics ([`crate::metrics`]):
+//! by operation and outcome, with its latency and the body bytes it moved.
 
-use super::{GetResult, ListPage, ObjectMeta, ObjectStore, PutCondition, StoreResult};
+use super::{GetResult, ListPage, ObjectMeta, ObjectStore, PutCondition, StoreError, StoreResult};
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 /// Requests sent to the wrapped store, by kind (a LIST page counts once).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -84,6 +87,21 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// How a request ended, for the `outcome` label.
+fn outcome<T>(r: &StoreResult<T>) -> &'static str {
+    match r {
+        Ok(_) => "ok",
+        Err(StoreError::NotFound { .. }) => "not_found",
+        Err(StoreError::Conflict { .. }) => "conflict",
+        Err(StoreError::Io { .. }) => "error",
+    }
+}
+
+/// Records one request that ended in the Prometheus metrics.
+fn record<T>(op: &'static str, started: Instant, r: &StoreResult<T>, received: u64, sent: u64) {
+    crate::metrics::global().s3_request(op, started, outcome(r), received, sent);
+}
+
 #[async_trait]
 impl ObjectStore for MeteredStore {
     fn describe(&self) -> String {
@@ -93,18 +111,33 @@ impl ObjectStore for MeteredStore {
     async fn get(&self, key: &str) -> StoreResult<GetResult> {
         bump(&self.counters.get);
         let _flying = InFlight::start(&self.counters);
-        self.inner.get(key).await
+        let _gauge = crate::metrics::global().s3_start();
+        let started = Instant::now();
+        let r = self.inner.get(key).await;
+        let got = r.as_ref().map_or(0, |g| g.data.len() as u64);
+        record("get", started, &r, got, 0);
+        r
     }
 
     async fn get_range(&self, key: &str, offset: u64, len: u64) -> StoreResult<Bytes> {
         bump(&self.counters.get_range);
         let _flying = InFlight::start(&self.counters);
-        self.inner.get_range(key, offset, len).await
+        let _gauge = crate::metrics::global().s3_start();
+        let started = Instant::now();
+        let r = self.inner.get_range(key, offset, len).await;
+        let got = r.as_ref().map_or(0, |b| b.len() as u64);
+        record("get_range", started, &r, got, 0);
+        r
     }
 
     async fn put(&self, key: &str, data: Bytes, condition: PutCondition) -> StoreResult<String> {
         bump(&self.counters.put);
-        self.inner.put(key, data, condition).await
+        let _gauge = crate::metrics::global().s3_start();
+        let started = Instant::now();
+        let sent = data.len() as u64;
+        let r = self.inner.put(key, data, condition).await;
+        record("put", started, &r, 0, if r.is_ok() { sent } else { 0 });
+        r
     }
 
     async fn put_file(
@@ -114,21 +147,38 @@ impl ObjectStore for MeteredStore {
         condition: PutCondition,
     ) -> StoreResult<String> {
         bump(&self.counters.put);
-        self.inner.put_file(key, path, condition).await
+        let _gauge = crate::metrics::global().s3_start();
+        let started = Instant::now();
+        let sent = std::fs::metadata(path).map_or(0, |m| m.len());
+        let r = self.inner.put_file(key, path, condition).await;
+        record("put", started, &r, 0, if r.is_ok() { sent } else { 0 });
+        r
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {
         bump(&self.counters.delete);
-        self.inner.delete(key).await
+        let _gauge = crate::metrics::global().s3_start();
+        let started = Instant::now();
+        let r = self.inner.delete(key).await;
+        record("delete", started, &r, 0, 0);
+        r
     }
 
     async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
         bump(&self.counters.head);
-        self.inner.head(key).await
+        let _gauge = crate::metrics::global().s3_start();
+        let started = Instant::now();
+        let r = self.inner.head(key).await;
+        record("head", started, &r, 0, 0);
+        r
     }
 
     async fn list_page(&self, prefix: &str, continuation: Option<String>) -> StoreResult<ListPage> {
         bump(&self.counters.list);
-        self.inner.list_page(prefix, continuation).await
+        let _gauge = crate::metrics::global().s3_start();
+        let started = Instant::now();
+        let r = self.inner.list_page(prefix, continuation).await;
+        record("list", started, &r, 0, 0);
+        r
     }
 }
