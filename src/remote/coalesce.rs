@@ -21,7 +21,10 @@
 //! The wrapper sits above [`super::MeteredStore`], whose counts stay those of
 //! requests actually sent.
 
-use super::{GetResult, ListPage, ObjectMeta, ObjectStore, PutCondition, StoreError, StoreResult};
+use super::{
+    GetResult, ListPage, ObjectMeta, ObjectStore, PendingUpload, PutCondition, StoreError,
+    StoreResult,
+};
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -291,6 +294,17 @@ impl ObjectStore for CoalescingStore {
 
     async fn list_page(&self, prefix: &str, continuation: Option<String>) -> StoreResult<ListPage> {
         self.shared.inner.list_page(prefix, continuation).await
+    }
+
+    async fn list_multipart_uploads(&self, prefix: &str) -> StoreResult<Vec<PendingUpload>> {
+        self.shared.inner.list_multipart_uploads(prefix).await
+    }
+
+    async fn abort_multipart_upload(&self, key: &str, upload_id: &str) -> StoreResult<()> {
+        self.shared
+            .inner
+            .abort_multipart_upload(key, upload_id)
+            .await
     }
 }
 

@@ -1,7 +1,10 @@
 //! A wrapper store that injects failures, latency and conflicts at chosen
 //! calls, so tests can prove what the engine does when S3 misbehaves.
 
-use super::{GetResult, ListPage, ObjectMeta, ObjectStore, PutCondition, StoreError, StoreResult};
+use super::{
+    GetResult, ListPage, ObjectMeta, ObjectStore, PendingUpload, PutCondition, StoreError,
+    StoreResult,
+};
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::path::Path;
@@ -18,6 +21,10 @@ pub enum Op {
     Delete,
     Head,
     List,
+    /// Listing unfinished multipart uploads.
+    ListUploads,
+    /// Aborting a multipart upload.
+    AbortUpload,
 }
 
 /// What happens to a targeted call.
@@ -239,5 +246,15 @@ impl ObjectStore for FaultStore {
     async fn list_page(&self, prefix: &str, continuation: Option<String>) -> StoreResult<ListPage> {
         let call = self.before(Op::List, prefix).await?;
         call.finish(prefix, self.inner.list_page(prefix, continuation).await)
+    }
+
+    async fn list_multipart_uploads(&self, prefix: &str) -> StoreResult<Vec<PendingUpload>> {
+        let call = self.before(Op::ListUploads, prefix).await?;
+        call.finish(prefix, self.inner.list_multipart_uploads(prefix).await)
+    }
+
+    async fn abort_multipart_upload(&self, key: &str, upload_id: &str) -> StoreResult<()> {
+        let call = self.before(Op::AbortUpload, key).await?;
+        call.finish(key, self.inner.abort_multipart_upload(key, upload_id).await)
     }
 }

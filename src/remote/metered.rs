@@ -181,4 +181,12 @@ impl ObjectStore for MeteredStore {
         record("list", started, &r, 0, 0);
         r
     }
+
+    async fn list_multipart_uploads(&self, prefix: &str) -> StoreResult<Vec<super::PendingUpload>> {
+        self.inner.list_multipart_uploads(prefix).await
+    }
+
+    async fn abort_multipart_upload(&self, key: &str, upload_id: &str) -> StoreResult<()> {
+        self.inner.abort_multipart_upload(key, upload_id).await
+    }
 }

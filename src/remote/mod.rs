@@ -16,7 +16,7 @@ pub mod s3;
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::path::Path;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 pub use coalesce::{CoalesceLimits, CoalescingStore};
 pub use fault::{Fault, FaultStore, Op};
@@ -57,6 +57,16 @@ pub struct GetResult {
 pub struct ListPage {
     pub objects: Vec<ObjectMeta>,
     pub next: Option<String>,
+}
+
+/// A multipart upload that was started and neither completed nor aborted:
+/// its parts cost storage but are no object anyone can read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingUpload {
+    pub key: String,
+    pub upload_id: String,
+    /// When it was started (as the store reports it).
+    pub initiated: SystemTime,
 }
 
 /// Failures of an object store, by what the caller should do about them.
@@ -143,4 +153,40 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
             }
         }
     }
+
+    /// The unfinished multipart uploads of keys starting with `prefix`.
+    /// Stores without multipart uploads have none; wrappers must forward it.
+    async fn list_multipart_uploads(&self, _prefix: &str) -> StoreResult<Vec<PendingUpload>> {
+        Ok(Vec::new())
+    }
+
+    /// Aborts one multipart upload, dropping its parts; aborting one that is
+    /// already gone (completed or aborted) is not an error. Wrappers must
+    /// forward it.
+    async fn abort_multipart_upload(&self, _key: &str, _upload_id: &str) -> StoreResult<()> {
+        Ok(())
+    }
+}
+
+/// Aborts the multipart uploads under `prefix` started at least `older_than`
+/// ago (uploads of a concurrent writer younger than that are left alone), and
+/// returns them. What a failed or killed upload of a large data file leaves
+/// behind goes this way (gc).
+pub async fn abort_stale_uploads(
+    store: &dyn ObjectStore,
+    prefix: &str,
+    older_than: Duration,
+) -> StoreResult<Vec<PendingUpload>> {
+    let now = SystemTime::now();
+    let mut aborted = Vec::new();
+    for upload in store.list_multipart_uploads(prefix).await? {
+        let age = now.duration_since(upload.initiated).unwrap_or_default();
+        if age >= older_than {
+            store
+                .abort_multipart_upload(&upload.key, &upload.upload_id)
+                .await?;
+            aborted.push(upload);
+        }
+    }
+    Ok(aborted)
 }

@@ -20,12 +20,20 @@ use aws_sdk_s3::config::{
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::operation::RequestId;
-use aws_sdk_s3::primitives::{ByteStream, DateTime};
-use aws_sdk_s3::types::{BucketLocationConstraint, CreateBucketConfiguration};
+use aws_sdk_s3::primitives::{ByteStream, DateTime, Length};
+use aws_sdk_s3::types::{
+    BucketLocationConstraint, ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart,
+    CreateBucketConfiguration,
+};
 use aws_sdk_s3::Client;
 use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use md5::{Digest, Md5};
 
-use super::{GetResult, ListPage, ObjectMeta, ObjectStore, PutCondition, StoreError, StoreResult};
+use super::{
+    GetResult, ListPage, ObjectMeta, ObjectStore, PendingUpload, PutCondition, StoreError,
+    StoreResult,
+};
 
 /// Region used when neither the config nor the environment names one; S3
 /// needs some region to sign requests, and us-east-1 is what S3-compatible
@@ -69,9 +77,34 @@ pub struct S3Config {
     /// Limit on establishing a connection.
     pub connect_timeout: Duration,
     /// Limit on one attempt of one request, so a hung connection fails and is
-    /// retried instead of blocking a commit forever.
+    /// retried instead of blocking a commit forever. Requests that send a
+    /// body get more time on top, by [`S3Config::min_upload_rate`].
     pub attempt_timeout: Duration,
+    /// Files of at least this many bytes are uploaded as multipart uploads
+    /// (parts of [`S3Config::part_size`], several in flight); smaller ones in
+    /// one PUT. Never below `part_size`.
+    pub multipart_threshold: u64,
+    /// Bytes per part of a multipart upload (`--write-part-size`): at least
+    /// 5 MiB (S3's minimum for all parts but the last), at most 5 GiB. Grown
+    /// for files that would need more than S3's 10,000 parts.
+    pub part_size: u64,
+    /// Parts of one upload in flight at once; memory use does not grow with
+    /// it (parts stream from the file).
+    pub parts_in_flight: usize,
+    /// The slowest upload bandwidth (bytes per second, shared by the parts in
+    /// flight) that still counts as working: a request sending `n` bytes,
+    /// with `k - 1` others of the same upload beside it, may take
+    /// `attempt_timeout + n * k / min_upload_rate` before it is cut and
+    /// retried.
+    pub min_upload_rate: u64,
 }
+
+/// S3's smallest part (all but the last part of an upload).
+pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
+/// S3's largest part, and its largest single PUT.
+pub const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
+/// S3's most parts in one upload.
+const MAX_PARTS: u64 = 10_000;
 
 impl std::fmt::Debug for S3Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -95,13 +128,19 @@ impl std::fmt::Debug for S3Config {
             .field("max_attempts", &self.max_attempts)
             .field("connect_timeout", &self.connect_timeout)
             .field("attempt_timeout", &self.attempt_timeout)
+            .field("multipart_threshold", &self.multipart_threshold)
+            .field("part_size", &self.part_size)
+            .field("parts_in_flight", &self.parts_in_flight)
+            .field("min_upload_rate", &self.min_upload_rate)
             .finish()
     }
 }
 
 impl S3Config {
     /// A config for `bucket` with the defaults: standard chains for
-    /// region/endpoint/credentials, 5 attempts, 5s connect and 60s attempt timeouts.
+    /// region/endpoint/credentials, 5 attempts, 5s connect and 60s attempt
+    /// timeouts (plus 1 s per MiB sent at once); files from 16 MiB on go up
+    /// in parts of 8 MiB, 8 at a time.
     pub fn new(bucket: impl Into<String>) -> Self {
         S3Config {
             bucket: bucket.into(),
@@ -114,6 +153,10 @@ impl S3Config {
             max_attempts: 5,
             connect_timeout: Duration::from_secs(5),
             attempt_timeout: Duration::from_secs(60),
+            multipart_threshold: 16 * 1024 * 1024,
+            part_size: 8 * 1024 * 1024,
+            parts_in_flight: 8,
+            min_upload_rate: 1024 * 1024,
         }
     }
 }
@@ -131,6 +174,11 @@ pub struct S3Store {
     attempt_timeout: Duration,
     /// `max-keys` for LIST; `None` lets S3 choose (1000).
     page_size: Option<i32>,
+    multipart_threshold: u64,
+    part_size: u64,
+    parts_in_flight: usize,
+    min_upload_rate: u64,
+    checksums: ChecksumMode,
 }
 
 impl S3Store {
@@ -139,6 +187,16 @@ impl S3Store {
     pub async fn connect(config: S3Config) -> StoreResult<S3Store> {
         if config.bucket.is_empty() {
             return Err(StoreError::io("connect to", "", "S3 bucket name is empty"));
+        }
+        if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&config.part_size) {
+            return Err(StoreError::io(
+                "connect to",
+                &config.bucket,
+                format!(
+                    "write part size {} is out of range: S3 takes parts of 5 MiB ({MIN_PART_SIZE} bytes) to 5 GiB",
+                    config.part_size
+                ),
+            ));
         }
         // Explicit settings go on the loader so they beat the environment.
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
@@ -207,6 +265,11 @@ impl S3Store {
             connect_timeout: config.connect_timeout,
             attempt_timeout: config.attempt_timeout,
             page_size: None,
+            multipart_threshold: config.multipart_threshold.max(config.part_size),
+            part_size: config.part_size,
+            parts_in_flight: config.parts_in_flight.max(1),
+            min_upload_rate: config.min_upload_rate.max(1),
+            checksums: config.checksums,
         })
     }
 
@@ -240,7 +303,7 @@ impl S3Store {
             Err(err) => Err(StoreError::io(
                 "create bucket",
                 &self.bucket,
-                self.error_message(&err),
+                self.error_message(&err, self.attempt_timeout),
             )),
         }
     }
@@ -262,6 +325,21 @@ impl S3Store {
         key: &str,
         condition: &PutCondition,
         err: SdkError<E>,
+    ) -> StoreError
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        self.map_error_timed(op, key, condition, err, self.attempt_timeout)
+    }
+
+    /// [`Self::map_error`] for a request whose attempts had `timeout`.
+    fn map_error_timed<E>(
+        &self,
+        op: &'static str,
+        key: &str,
+        condition: &PutCondition,
+        err: SdkError<E>,
+        timeout: Duration,
     ) -> StoreError
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
@@ -292,14 +370,14 @@ impl S3Store {
         if *condition != PutCondition::None && precondition_failed {
             return conflict();
         }
-        StoreError::io(op, key, self.error_message(&err))
+        StoreError::io(op, key, self.error_message(&err, timeout))
     }
 
     /// One line saying what went wrong, in the terms the user can act on:
     /// S3's code and message with the HTTP status, or which endpoint could not
     /// be reached / timed out. The SDK's error chain is appended where S3 gave
     /// no code, so the message is never just "service error".
-    fn error_message<E>(&self, err: &SdkError<E>) -> String
+    fn error_message<E>(&self, err: &SdkError<E>, timeout: Duration) -> String
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
@@ -346,7 +424,7 @@ impl S3Store {
             }
             SdkError::TimeoutError(_) => format!(
                 "timed out after {} waiting for {}{attempts}",
-                secs(self.attempt_timeout),
+                secs(timeout),
                 self.endpoint_label()
             ),
             SdkError::DispatchFailure(failure) => {
@@ -440,17 +518,336 @@ impl S3Store {
         &self,
         key: &str,
         body: ByteStream,
+        len: u64,
         condition: PutCondition,
     ) -> StoreResult<String> {
+        let timeout = self.send_timeout(len, 1);
         let output = self
             .put_request(key, body, &condition)
+            .customize()
+            .config_override(self.timeout_override(timeout))
             .send()
             .await
-            .map_err(|e| self.map_error("put", key, &condition, e))?;
+            .map_err(|e| self.map_error_timed("put", key, &condition, e, timeout))?;
         output
             .e_tag
             .ok_or_else(|| StoreError::io("put", key, "S3 response has no ETag"))
     }
+
+    /// The attempt timeout of a request sending `len` bytes while `sharing`
+    /// requests (itself included) share the bandwidth.
+    fn send_timeout(&self, len: u64, sharing: usize) -> Duration {
+        let secs = len as f64 * sharing as f64 / self.min_upload_rate as f64;
+        self.attempt_timeout + Duration::from_secs_f64(secs.min(1e9))
+    }
+
+    /// A per-request config that replaces the attempt timeout.
+    fn timeout_override(&self, attempt: Duration) -> aws_sdk_s3::config::Builder {
+        aws_sdk_s3::config::Builder::default().timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(self.connect_timeout)
+                .operation_attempt_timeout(attempt)
+                .build(),
+        )
+    }
+
+    /// The part size for a file of `size` bytes: the configured one, grown
+    /// (to a whole MiB) when S3's 10,000 parts would not hold the file.
+    fn part_size_for(&self, size: u64) -> u64 {
+        const MIB: u64 = 1024 * 1024;
+        let needed = size.div_ceil(MAX_PARTS).div_ceil(MIB) * MIB;
+        self.part_size.max(needed)
+    }
+
+    /// Uploads a file as a multipart upload: parts read from the file at
+    /// their offsets, [`S3Config::parts_in_flight`] at a time, each retried by
+    /// the SDK under its own timeout. Whatever goes wrong (or when the future
+    /// is dropped), the upload is aborted, so no parts are left behind.
+    ///
+    /// Preconditions: `IfAbsent` sends `If-None-Match: *` with the
+    /// CompleteMultipartUpload, which makes the create atomic on S3; a HEAD
+    /// first saves uploading a whole file only to lose. `IfMatch` sends
+    /// `If-Match` there likewise and checks the ETag with a HEAD first, which
+    /// is all the protection on servers that ignore the header on
+    /// CompleteMultipartUpload (moto 5.2.5 does; it honours `If-None-Match`).
+    async fn put_multipart(
+        &self,
+        key: &str,
+        path: &Path,
+        size: u64,
+        condition: PutCondition,
+    ) -> StoreResult<String> {
+        match (&condition, self.head(key).await) {
+            (PutCondition::None, _) => {}
+            (PutCondition::IfAbsent, Err(StoreError::NotFound { .. })) => {}
+            (PutCondition::IfMatch(etag), Ok(meta)) if meta.etag.as_ref() == Some(etag) => {}
+            (PutCondition::IfAbsent, Ok(_))
+            | (PutCondition::IfMatch(_), Ok(_) | Err(StoreError::NotFound { .. })) => {
+                return Err(StoreError::Conflict {
+                    key: key.to_string(),
+                })
+            }
+            (_, Err(e)) => return Err(e),
+        }
+        let mut create = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key);
+        if self.checksums == ChecksumMode::WhenSupported {
+            create = create.checksum_algorithm(ChecksumAlgorithm::Crc32);
+        }
+        let upload_id = create
+            .send()
+            .await
+            .map_err(|e| self.map_error("start multipart upload of", key, &PutCondition::None, e))?
+            .upload_id
+            .ok_or_else(|| {
+                StoreError::io(
+                    "start multipart upload of",
+                    key,
+                    "S3 response has no upload id",
+                )
+            })?;
+        let guard = AbortOnDrop {
+            store: self.clone(),
+            key: key.to_string(),
+            upload_id: Some(upload_id.clone()),
+        };
+        let result = self
+            .upload_parts_and_complete(key, path, size, &upload_id, &condition)
+            .await;
+        match result {
+            Ok(etag) => {
+                guard.disarm();
+                Ok(etag)
+            }
+            Err(e) => {
+                guard.abort().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn upload_parts_and_complete(
+        &self,
+        key: &str,
+        path: &Path,
+        size: u64,
+        upload_id: &str,
+        condition: &PutCondition,
+    ) -> StoreResult<String> {
+        let part_size = self.part_size_for(size);
+        let count = size.div_ceil(part_size).max(1);
+        let in_flight = self.parts_in_flight.min(count as usize);
+        let timeout = self.send_timeout(part_size, in_flight);
+        let uploads = futures::stream::iter(0..count)
+            .map(|i| {
+                let offset = i * part_size;
+                let len = part_size.min(size - offset);
+                self.upload_part(key, path, upload_id, i as i32 + 1, offset, len, timeout)
+            })
+            .buffer_unordered(in_flight);
+        let mut parts: Vec<CompletedPart> = uploads.try_collect().await?;
+        parts.sort_by_key(|p| p.part_number);
+        let expected_etag = multipart_etag(&parts);
+
+        let mut complete = self
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            );
+        complete = match condition {
+            PutCondition::None => complete,
+            PutCondition::IfAbsent => complete.if_none_match("*"),
+            PutCondition::IfMatch(etag) => complete.if_match(etag),
+        };
+        match complete.send().await {
+            Ok(output) => output.e_tag.ok_or_else(|| {
+                StoreError::io(
+                    "complete multipart upload of",
+                    key,
+                    "S3 response has no ETag",
+                )
+            }),
+            // A retry of a completion whose reply was lost: the upload is
+            // gone because it became the object. Ours if the ETag says so.
+            Err(e) if e.code() == Some("NoSuchUpload") => {
+                match (self.head(key).await, expected_etag) {
+                    (
+                        Ok(ObjectMeta {
+                            etag: Some(etag), ..
+                        }),
+                        Some(expected),
+                    ) if etag == expected => Ok(etag),
+                    _ => Err(StoreError::io(
+                        "complete multipart upload of",
+                        key,
+                        self.error_message(&e, self.attempt_timeout),
+                    )),
+                }
+            }
+            Err(e) => Err(self.map_error("complete multipart upload of", key, condition, e)),
+        }
+    }
+
+    /// One part: `len` bytes of the file from `offset`, streamed from disk
+    /// (and re-read on a retry).
+    #[allow(clippy::too_many_arguments)]
+    async fn upload_part(
+        &self,
+        key: &str,
+        path: &Path,
+        upload_id: &str,
+        number: i32,
+        offset: u64,
+        len: u64,
+        timeout: Duration,
+    ) -> StoreResult<CompletedPart> {
+        let body = ByteStream::read_from()
+            .path(path)
+            .offset(offset)
+            .length(Length::Exact(len))
+            .build()
+            .await
+            .map_err(|e| {
+                StoreError::io(
+                    "read local file for",
+                    key,
+                    format!("{} (part {number}): {}", path.display(), error_chain(&e)),
+                )
+            })?;
+        let mut request = self
+            .client
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(number)
+            .content_length(len as i64)
+            .body(body);
+        if self.checksums == ChecksumMode::WhenSupported {
+            request = request.checksum_algorithm(ChecksumAlgorithm::Crc32);
+        }
+        let output = request
+            .customize()
+            .config_override(self.timeout_override(timeout))
+            .send()
+            .await
+            .map_err(|e| {
+                let op = "upload part of";
+                let err = self.map_error_timed(op, key, &PutCondition::None, e, timeout);
+                match err {
+                    // The upload is gone (aborted by gc, say): not "no such key".
+                    StoreError::NotFound { .. } => StoreError::io(
+                        op,
+                        key,
+                        format!("part {number}: the multipart upload no longer exists"),
+                    ),
+                    other => other,
+                }
+            })?;
+        let etag = output
+            .e_tag
+            .ok_or_else(|| StoreError::io("upload part of", key, "S3 response has no ETag"))?;
+        Ok(CompletedPart::builder()
+            .part_number(number)
+            .e_tag(etag)
+            .set_checksum_crc32(output.checksum_crc32)
+            .build())
+    }
+
+    async fn abort_upload(&self, key: &str, upload_id: &str) -> StoreResult<()> {
+        match self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            // Already aborted or completed.
+            Err(e) if e.code() == Some("NoSuchUpload") => Ok(()),
+            Err(e) => {
+                match self.map_error("abort multipart upload of", key, &PutCondition::None, e) {
+                    StoreError::NotFound { .. } => Ok(()),
+                    other => Err(other),
+                }
+            }
+        }
+    }
+}
+
+/// Aborts a multipart upload unless disarmed: awaited on the error path, and
+/// spawned on the runtime when the uploading future is dropped unfinished.
+struct AbortOnDrop {
+    store: S3Store,
+    key: String,
+    upload_id: Option<String>,
+}
+
+impl AbortOnDrop {
+    fn disarm(mut self) {
+        self.upload_id = None;
+    }
+
+    async fn abort(mut self) {
+        if let Some(id) = self.upload_id.take() {
+            abort_logged(&self.store, &self.key, &id).await;
+        }
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        let Some(id) = self.upload_id.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let store = self.store.clone();
+                let key = std::mem::take(&mut self.key);
+                runtime.spawn(async move { abort_logged(&store, &key, &id).await });
+            }
+            Err(_) => tracing::warn!(
+                "multipart upload {id} of {} left unfinished (no runtime to abort it on); gc aborts it later",
+                self.key
+            ),
+        }
+    }
+}
+
+async fn abort_logged(store: &S3Store, key: &str, upload_id: &str) {
+    if let Err(e) = store.abort_upload(key, upload_id).await {
+        tracing::warn!("{e}; gc aborts the upload later");
+    }
+}
+
+/// The ETag S3 gives a multipart object of these parts (MD5 of the parts'
+/// binary MD5s, a dash, the part count), when every part ETag is a plain MD5.
+/// Only to recognise our own object after a lost reply: no ETag of a data
+/// file is ever compared with an MD5 of its content.
+fn multipart_etag(parts: &[CompletedPart]) -> Option<String> {
+    let mut md5 = Md5::new();
+    for part in parts {
+        let hex = part.e_tag()?.trim_matches('"');
+        if hex.len() != 32 {
+            return None;
+        }
+        for i in (0..32).step_by(2) {
+            md5.update([u8::from_str_radix(hex.get(i..i + 2)?, 16).ok()?]);
+        }
+    }
+    let digest: String = md5.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    Some(format!("\"{digest}-{}\"", parts.len()))
 }
 
 /// Separates "the request failed" (already retried by the SDK, final) from
@@ -547,25 +944,47 @@ impl ObjectStore for S3Store {
     }
 
     async fn put(&self, key: &str, data: Bytes, condition: PutCondition) -> StoreResult<String> {
-        self.send_put(key, ByteStream::from(data), condition).await
+        let len = data.len() as u64;
+        self.send_put(key, ByteStream::from(data), len, condition)
+            .await
     }
 
     /// Streams from disk (and re-reads the file on a retry) so data files of
-    /// any size never sit in memory.
+    /// any size never sit in memory; files from the multipart threshold on go
+    /// up in parts (see [`S3Store::put_multipart`]).
     async fn put_file(
         &self,
         key: &str,
         path: &Path,
         condition: PutCondition,
     ) -> StoreResult<String> {
-        let body = ByteStream::from_path(path).await.map_err(|e| {
+        let read_error = |e: &dyn std::error::Error| {
             StoreError::io(
                 "read local file for",
                 key,
-                format!("{}: {}", path.display(), error_chain(&e)),
+                format!("{}: {}", path.display(), one_line(&e.to_string())),
             )
-        })?;
-        self.send_put(key, body, condition).await
+        };
+        let size = tokio::fs::metadata(path)
+            .await
+            .map_err(|e| read_error(&e))?
+            .len();
+        if size >= self.multipart_threshold {
+            return self.put_multipart(key, path, size, condition).await;
+        }
+        let body = ByteStream::read_from()
+            .path(path)
+            .length(Length::Exact(size))
+            .build()
+            .await
+            .map_err(|e| {
+                StoreError::io(
+                    "read local file for",
+                    key,
+                    format!("{}: {}", path.display(), error_chain(&e)),
+                )
+            })?;
+        self.send_put(key, body, size, condition).await
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {
@@ -601,6 +1020,54 @@ impl ObjectStore for S3Store {
             last_modified: system_time(output.last_modified),
             etag: output.e_tag,
         })
+    }
+
+    async fn list_multipart_uploads(&self, prefix: &str) -> StoreResult<Vec<PendingUpload>> {
+        let mut all = Vec::new();
+        let (mut key_marker, mut id_marker) = (None, None);
+        loop {
+            let output = self
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.bucket)
+                .prefix(prefix)
+                .set_key_marker(key_marker)
+                .set_upload_id_marker(id_marker)
+                .send()
+                .await
+                .map_err(|e| {
+                    self.map_error("list multipart uploads of", prefix, &PutCondition::None, e)
+                })?;
+            all.extend(
+                output
+                    .uploads
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|u| {
+                        Some(PendingUpload {
+                            key: u.key?,
+                            upload_id: u.upload_id?,
+                            initiated: system_time(u.initiated),
+                        })
+                    }),
+            );
+            if output.is_truncated != Some(true) {
+                return Ok(all);
+            }
+            if output.next_key_marker.is_none() && output.next_upload_id_marker.is_none() {
+                return Err(StoreError::io(
+                    "list multipart uploads of",
+                    prefix,
+                    "S3 said the listing is truncated but sent no markers",
+                ));
+            }
+            key_marker = output.next_key_marker;
+            id_marker = output.next_upload_id_marker;
+        }
+    }
+
+    async fn abort_multipart_upload(&self, key: &str, upload_id: &str) -> StoreResult<()> {
+        self.abort_upload(key, upload_id).await
     }
 
     async fn list_page(&self, prefix: &str, continuation: Option<String>) -> StoreResult<ListPage> {
