@@ -18,9 +18,10 @@ use std::sync::Arc;
 use std::task::{Context, Waker};
 use std::time::{Duration, Instant, SystemTime};
 
-/// How long the kernel may trust names and attributes before asking again
-/// (short, so other writers' commits picked up by refresh show soon).
-const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may trust names and attributes before asking again:
+/// long, because nothing changes them behind the daemon's back except a
+/// refresh it runs itself, which invalidates what changed (`KernelCaches`).
+const TTL: Duration = Duration::from_secs(3600);
 /// Entries prepared per READDIRPLUS call (more than fit in a reply page).
 const PLUS_BATCH: usize = 64;
 /// Largest write the kernel sends at once.
@@ -512,10 +513,15 @@ impl Filesystem for FuseAdapter {
         reply: ReplyWrite,
     ) {
         let data = data.to_vec();
+        // Unsynced from the moment it arrives: a write to .s4db/upload
+        // publishes what came before it, itself included.
+        crate::metrics::global().write_arrived(data.len());
         self.spawn("write", move |fs| async move {
-            match fs.write(fh, offset.max(0) as u64, &data).await {
+            let r = fs.write(fh, offset.max(0) as u64, &data).await;
+            let taken = r.as_ref().map_or(0, |n| *n as usize);
+            crate::metrics::global().write_done(data.len(), taken);
+            match r {
                 Ok(n) => {
-                    crate::metrics::global().fuse_written(n as usize);
                     reply.written(n);
                     0
                 }
@@ -652,5 +658,34 @@ impl Filesystem for FuseAdapter {
     fn access(&mut self, _req: &Request<'_>, _ino: u64, _mask: i32, reply: ReplyEmpty) {
         answered("access", Instant::now(), 0);
         reply.ok();
+    }
+}
+
+/// The kernel's caches through FUSE notify messages (sent from a runtime
+/// worker, never from the session thread, which the kernel may be waiting on).
+pub struct KernelCaches(pub fuser::Notifier);
+
+impl std::fmt::Debug for KernelCaches {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KernelCaches")
+    }
+}
+
+impl crate::fs::invalidate::Invalidate for KernelCaches {
+    fn inode(&self, ino: u64, data: bool) {
+        let offset = if data { 0 } else { -1 };
+        if let Err(e) = self.0.inval_inode(ino, offset, 0) {
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                tracing::debug!("invalidating inode {ino}: {e}");
+            }
+        }
+    }
+
+    fn entry(&self, parent: u64, name: &str) {
+        if let Err(e) = self.0.inval_entry(parent, OsStr::new(name)) {
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                tracing::debug!("invalidating {name:?} in inode {parent}: {e}");
+            }
+        }
     }
 }

@@ -628,9 +628,9 @@ fn prepare(args: &mut MountArgs) -> Result<(DbTarget, PathBuf), String> {
     if !args.nonempty {
         check_empty(mp)?;
     }
-    check_fuse_device()?;
     // SAFETY: geteuid cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
+    check_fuse_device(root)?;
     // Root mounts with mount(2); anyone else (and auto_unmount) goes through
     // the setuid fusermount3.
     if (!root || args.auto_unmount) && find_program(&["fusermount3", "fusermount"]).is_none() {
@@ -700,8 +700,9 @@ fn find_program(names: &[&str]) -> Option<PathBuf> {
     })
 }
 
-/// `/dev/fuse` must be the FUSE character device, and ours to open.
-fn check_fuse_device() -> Result<(), String> {
+/// `/dev/fuse` must be the FUSE character device, and root's to open (a
+/// user mounts through fusermount3, which opens it).
+fn check_fuse_device(root: bool) -> Result<(), String> {
     use std::os::unix::fs::FileTypeExt;
     const DEV: &str = "/dev/fuse";
     const HOW: &str = "load the module (modprobe fuse) or, in a container, run it with \
@@ -720,12 +721,11 @@ fn check_fuse_device() -> Result<(), String> {
         }
         Err(e) => return Err(format!("cannot use {DEV}: {e}; {HOW}")),
     }
+    if !root {
+        return Ok(());
+    }
     match std::fs::OpenOptions::new().read(true).write(true).open(DEV) {
         Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(format!(
-            "cannot open {DEV}: permission denied; make it usable by this user \
-             (chmod 0666 {DEV}, its usual mode) or mount as root"
-        )),
         Err(e) => Err(format!("cannot open {DEV}: {e}; {HOW}")),
     }
 }
@@ -913,6 +913,7 @@ fn serve(
     let mut session =
         fuser::Session::new(adapter, &args.mountpoint, &mount_options(args, &args.db))
             .map_err(|e| format!("cannot mount on {}: {e}", args.mountpoint.display()))?;
+    fs.set_invalidator(Arc::new(crate::fuse::KernelCaches(session.notifier())));
     tracing::info!(
         "mounted {} ({}) on {}, local directory {}",
         args.db,

@@ -1455,3 +1455,54 @@ fn large_cold_reads_fetch_parts_in_parallel_and_a_bad_crc_fails_with_eio() {
         .fails_with(&["Input/output error"]);
     m.unmount();
 }
+
+/// A cold scan of many small files (`cat */*`, `tar c`, `grep -r`) takes the
+/// entries that follow in the data file in one range GET per MiB; a lone
+/// `cat` stays one GET of exactly its entry.
+#[test]
+fn cold_scans_of_small_files_cost_one_get_per_mib() {
+    let db = Db::new();
+    let m = Mount::on(&db).start();
+    m.sh("for d in a b c; do mkdir $d; for i in $(seq 100 399); do head -c 2000 /dev/urandom | base64 -w0 > $d/f$i; done; done")
+        .ok();
+    m.upload();
+    m.unmount();
+    let total: u64 = 900 * 2668;
+
+    let m = Mount::on(&db).start();
+    m.sh("cat b/f200 > /dev/null").ok();
+    assert_eq!(
+        m.stats()["s3_requests"]["get_range"],
+        1,
+        "one file: one GET"
+    );
+    m.unmount();
+
+    for scan in [
+        "cat */* > /dev/null",
+        "tar cf - a b c | wc -c > /dev/null",
+        "grep -r zzzzzzzz . || true",
+    ] {
+        let m = Mount::on(&db).start();
+        let expected = m.sh(&format!("{scan}; echo done")).ok();
+        assert!(expected.text().ends_with("done\n"));
+        let ranges = m.stats()["s3_requests"]["get_range"].as_u64().unwrap();
+        let mib = total.div_ceil(1 << 20);
+        assert!(
+            ranges <= mib + 3,
+            "`{scan}`: {ranges} range GETs for {total} bytes ({mib} MiB)"
+        );
+        m.unmount();
+    }
+    // And the bytes are right.
+    let m = Mount::on(&db).start();
+    let sums = m.sh("md5sum */* | md5sum").ok().text();
+    m.unmount();
+    let m = Mount::on(&db).start();
+    let one_by_one = m
+        .sh("for f in */*; do md5sum $f; done | md5sum")
+        .ok()
+        .text();
+    assert_eq!(sums, one_by_one);
+    m.unmount();
+}

@@ -225,9 +225,13 @@ impl S4Fs {
                     }
                 }
                 None => {
-                    let near = match for_write && loc.length <= SMALL_ENTRY {
-                        true => self.fetch_with_neighbours(path, loc).await,
-                        false => None,
+                    let small = loc.length <= SMALL_ENTRY;
+                    let near = if for_write && small {
+                        self.fetch_with_neighbours(path, loc).await
+                    } else if small && self.is_scan(loc) {
+                        self.fetch_scan_window(path, loc).await
+                    } else {
+                        None
                     };
                     let got = match near {
                         Some(v) => Ok(v),

@@ -127,6 +127,14 @@ impl Inodes {
         }
     }
 
+    /// Every inode the kernel holds: number, path and kind.
+    pub fn bound(&self) -> Vec<(u64, String, NodeKind)> {
+        self.by_ino
+            .iter()
+            .map(|(ino, n)| (*ino, n.path.to_string(), n.kind))
+            .collect()
+    }
+
     /// The kernel took a reference (an entry it was sent in a listing).
     pub fn add_lookup(&mut self, ino: u64) {
         if let Some(node) = self.by_ino.get_mut(&ino) {

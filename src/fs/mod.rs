@@ -13,9 +13,11 @@ mod dirs;
 pub mod error;
 mod files;
 pub mod inodes;
+pub mod invalidate;
 pub mod maintain;
 pub mod meta;
 pub mod names;
+mod scan;
 mod special;
 pub mod stream;
 mod sync;
@@ -25,7 +27,7 @@ pub mod value_cache;
 pub use crate::db::attrs::FileKind;
 use crate::db::attrs::Op;
 use crate::db::S4db;
-use crate::format::{range_from, Location, Value};
+use crate::format::{range_from, Key, Location, Value};
 use crate::remote::MeteredStore;
 use content::Content;
 use control::ControlFile;
@@ -36,7 +38,7 @@ use meta::{MetaCache, ValueMeta};
 use names::{
     after_subtree, has_path_under, is_shadowed, join, key_is_path, new_component, CONTROL_DIR,
 };
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ffi::OsStr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -189,6 +191,12 @@ pub struct S4Fs {
     last_write: Mutex<Instant>,
     /// When the oldest write not yet published was made.
     first_unsynced: Mutex<Option<Instant>>,
+    /// The kernel's caches (FUSE notify), once the session runs.
+    invalidator: Mutex<Option<Arc<dyn invalidate::Invalidate>>>,
+    /// Per file inode, what `stat` last showed of it.
+    served: Mutex<HashMap<u64, invalidate::Served>>,
+    /// Cold reads seen, to tell a scan; offset maps of scanned data files.
+    scan: Mutex<scan::ScanState>,
     /// Where background work runs (calls may come from the FUSE thread).
     rt: tokio::runtime::Handle,
     /// The background maintenance's settings and last failure.
@@ -236,6 +244,9 @@ impl S4Fs {
             last_write: Mutex::new(Instant::now()),
             // Writes replayed from a process that died count from now.
             first_unsynced: Mutex::new(db_unsynced.then(Instant::now)),
+            invalidator: Mutex::new(None),
+            served: Mutex::new(HashMap::new()),
+            scan: Mutex::new(scan::ScanState::default()),
             rt: tokio::runtime::Handle::current(),
             maint: Mutex::new(Default::default()),
         });
@@ -393,6 +404,7 @@ impl S4Fs {
             None => loc.ok_or(FsError::NotFound)?,
         };
         let (mut a, mut size) = self.file_attrs_at(path, loc).await?;
+        self.served(ino, Some(loc), self.db.attrs_at(path, loc));
         if let Some((len, mtime)) = size_now {
             // Unput bytes of an open file: what a close will put.
             size = len;
@@ -483,6 +495,7 @@ impl S4Fs {
         if lock(&self.inodes).get(ino).is_none() {
             lock(&self.cached).remove(&ino);
             lock(&self.detached).remove(&ino);
+            lock(&self.served).remove(&ino);
         }
     }
 

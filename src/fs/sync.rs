@@ -171,7 +171,7 @@ impl S4Fs {
                     )
                     .into());
                 }
-                db.refresh().await?;
+                self.refresh().await?;
                 Ok(())
             }
             ControlFile::Stats | ControlFile::LastError | ControlFile::Unmapped => {
@@ -187,6 +187,10 @@ impl S4Fs {
             let taken = crate::metrics::global().upload_started();
             let uploaded = self.db.upload().await;
             crate::metrics::global().upload_finished(taken, &uploaded);
+            if uploaded.as_ref().is_ok_and(|r| r.rebases > 0) {
+                // The commit took in another writer's changes.
+                self.invalidate_changed();
+            }
             if let Err(e) = uploaded {
                 let mut first = lock(&self.first_unsynced);
                 *first = match (pending, *first) {
@@ -257,7 +261,7 @@ impl S4Fs {
             if self.db.has_unsynced_writes() {
                 continue;
             }
-            match self.db.refresh().await {
+            match self.refresh().await {
                 Ok(true) => tracing::info!("picked up another writer's commit"),
                 Ok(false) => {}
                 Err(e) => self.record_error("background refresh", &e),

@@ -1,0 +1,107 @@
+//! Cold scans of small files (`cat dir/*`, `grep -r`, `tar c`, `cp -r` and
+//! `rsync` out of the mount): when two cold reads in a row land close
+//! together in one data file, the reader is walking the files in the order
+//! they were written, and the entries that follow are fetched in one range
+//! GET of at most [`WINDOW`] bytes into the small-value cache. A lone `cat`
+//! stays one GET of exactly its entry.
+
+use super::*;
+
+/// Bytes of entries one scan read-ahead fetches (one range GET).
+pub const WINDOW: u64 = 1024 * 1024;
+/// Data files whose offset → key maps are kept (the ones being scanned).
+const MAPS: usize = 4;
+
+/// Entries of one data file by offset: (offset, length, key).
+pub(super) type FileMap = Arc<Vec<(u64, u32, Key)>>;
+
+#[derive(Debug, Default)]
+pub(super) struct ScanState {
+    /// The last cold read: data file and the entry's end.
+    last: Option<(u64, u64)>,
+    maps: VecDeque<(u64, FileMap)>,
+}
+
+impl S4Fs {
+    /// Whether this cold read of `loc` follows the previous one closely in
+    /// the same data file (a scan). Records it either way.
+    pub(super) fn is_scan(&self, loc: Location) -> bool {
+        let mut s = lock(&self.scan);
+        let scan = s
+            .last
+            .is_some_and(|(file, end)| file == loc.file_id && loc.offset.abs_diff(end) <= WINDOW);
+        s.last = Some((loc.file_id, loc.offset + loc.length as u64));
+        scan
+    }
+
+    /// The live entries of data file `file_id` in offset order (built from
+    /// the index once per scanned file and kept for a few files).
+    fn file_map(&self, file_id: u64) -> FileMap {
+        if let Some((_, m)) = lock(&self.scan).maps.iter().find(|(f, _)| *f == file_id) {
+            return m.clone();
+        }
+        let mut v: Vec<(u64, u32, Key)> = self.db.read_index(|idx| {
+            idx.iter()
+                .filter(|(k, l)| l.file_id == file_id && key_is_path(k))
+                .map(|(k, l)| (l.offset, l.length, k.clone()))
+                .collect()
+        });
+        v.sort_unstable_by_key(|e| e.0);
+        let m: FileMap = Arc::new(v);
+        let mut s = lock(&self.scan);
+        s.maps.push_back((file_id, m.clone()));
+        if s.maps.len() > MAPS {
+            s.maps.pop_front();
+        }
+        m
+    }
+
+    /// The value of `key` at `loc`, with the small entries after it in its
+    /// data file (up to [`WINDOW`] bytes, one range GET), which go to the
+    /// small-value cache. `None` when that read fails: the caller reads the
+    /// value alone and reports its error.
+    pub(super) async fn fetch_scan_window(&self, key: &str, loc: Location) -> Option<Value> {
+        let map = self.file_map(loc.file_id);
+        let start = map.partition_point(|e| e.0 < loc.offset);
+        let mut wanted = vec![(key.to_string(), loc)];
+        let mut end = loc.offset + loc.length as u64;
+        for (offset, length, k) in map.iter().skip(start) {
+            if *offset == loc.offset {
+                continue;
+            }
+            let next_end = offset + *length as u64;
+            if *length > SMALL_ENTRY || next_end - loc.offset > WINDOW || *offset > end + 4096 {
+                break; // too large, past the window, or a gap: one contiguous GET
+            }
+            let l = Location {
+                file_id: loc.file_id,
+                offset: *offset,
+                length: *length,
+            };
+            if self.db.location(k) == Some(l) {
+                wanted.push((k.to_string(), l));
+            }
+            end = next_end;
+        }
+        if wanted.len() == 1 {
+            return None;
+        }
+        let mut values = self
+            .db
+            .get_at_many(loc.file_id, &wanted)
+            .await
+            .ok()?
+            .into_iter();
+        let own = values.next()?.ok()?;
+        for ((_, l), v) in wanted.iter().skip(1).zip(values) {
+            if let Ok(v) = v {
+                if self.meta.get(*l).is_none() {
+                    let (len, mtime) = (v.len() as u64, SystemTime::now());
+                    self.meta.insert(*l, ValueMeta { len, mtime });
+                }
+                self.small_values.insert(*l, v);
+            }
+        }
+        Some(own)
+    }
+}
