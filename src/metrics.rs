@@ -394,11 +394,17 @@ impl Metrics {
         self.fuse_read_bytes.inc_by(bytes as u64);
     }
 
-    /// Bytes a FUSE write took: written, and not published yet.
-    pub fn fuse_written(&self, bytes: usize) {
-        self.fuse_written_bytes.inc_by(bytes as u64);
+    /// A FUSE write of `bytes` arrived: unsynced from now on.
+    pub fn write_arrived(&self, bytes: usize) {
         self.unsynced_bytes
             .fetch_add(bytes as i64, Ordering::Relaxed);
+    }
+
+    /// The write of `sent` bytes took `taken` of them.
+    pub fn write_done(&self, sent: usize, taken: usize) {
+        self.fuse_written_bytes.inc_by(taken as u64);
+        self.unsynced_bytes
+            .fetch_sub(sent.saturating_sub(taken) as i64, Ordering::Relaxed);
     }
 
     /// An upload begins: the bytes written so far are its to publish.
