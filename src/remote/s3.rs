@@ -589,6 +589,18 @@ impl S3Store {
             }
             (_, Err(e)) => return Err(e),
         }
+        self.multipart_upload(key, path, size, condition).await
+    }
+
+    /// [`Self::put_multipart`] without the HEAD: start, parts, complete (with
+    /// the conditional header), abort on failure.
+    async fn multipart_upload(
+        &self,
+        key: &str,
+        path: &Path,
+        size: u64,
+        condition: PutCondition,
+    ) -> StoreResult<String> {
         let mut create = self
             .client
             .create_multipart_upload()
@@ -1208,6 +1220,7 @@ mod tests {
     use std::net::{TcpListener, TcpStream};
     use std::path::PathBuf;
     use std::process::{Child, Command, Stdio};
+    use std::sync::Arc;
     use std::time::Instant;
 
     const SECRET: &str = "s3cr3t-must-not-leak";
@@ -1572,6 +1585,325 @@ mod tests {
             && std::env::var_os("AWS_ENDPOINT_URL_S3").is_none()
         {
             assert_eq!(store.describe(), "s3://plain");
+        }
+    }
+
+    // ------------------------------------------------------------ multipart
+
+    const MIB: u64 = 1024 * 1024;
+
+    /// Multipart from 5 MiB on, in 5 MiB parts (S3's minimum).
+    fn multipart_config(moto: &Moto, bucket: &str) -> S3Config {
+        S3Config {
+            multipart_threshold: 5 * MIB,
+            part_size: 5 * MIB,
+            parts_in_flight: 2,
+            ..moto.config(bucket)
+        }
+    }
+
+    async fn multipart_store(moto: &Moto, bucket: &str) -> S3Store {
+        let store = S3Store::connect(multipart_config(moto, bucket))
+            .await
+            .unwrap();
+        store.create_bucket().await.unwrap();
+        store
+    }
+
+    /// A 12 MiB file (parts of 5, 5 and 2 MiB) of bytes that differ per position.
+    fn twelve_mib_file(dir: &Path) -> (PathBuf, Vec<u8>) {
+        let data: Vec<u8> = (0..12 * MIB as u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let path = dir.join("data");
+        std::fs::write(&path, &data).unwrap();
+        (path, data)
+    }
+
+    async fn pending(store: &S3Store) -> Vec<PendingUpload> {
+        store.list_multipart_uploads("").await.unwrap()
+    }
+
+    /// Fails every request whose URI contains `pattern` (with a note when
+    /// `notify` is set, letting it through instead).
+    #[derive(Debug)]
+    struct OnRequest {
+        pattern: &'static str,
+        fail: bool,
+        seen: Arc<tokio::sync::Notify>,
+    }
+
+    impl aws_sdk_s3::config::Intercept for OnRequest {
+        fn name(&self) -> &'static str {
+            "OnRequest"
+        }
+
+        fn read_before_transmit(
+            &self,
+            context: &aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
+            _: &aws_sdk_s3::config::RuntimeComponents,
+            _: &mut aws_sdk_s3::config::ConfigBag,
+        ) -> Result<(), aws_sdk_s3::error::BoxError> {
+            if !context.request().uri().contains(self.pattern) {
+                return Ok(());
+            }
+            self.seen.notify_one();
+            if self.fail {
+                return Err(format!("injected failure of {}", self.pattern).into());
+            }
+            Ok(())
+        }
+    }
+
+    impl S3Store {
+        fn with_interceptor(mut self, interceptor: OnRequest) -> S3Store {
+            let config = self
+                .client
+                .config()
+                .to_builder()
+                .interceptor(interceptor)
+                .build();
+            self.client = Client::from_conf(config);
+            self
+        }
+    }
+
+    #[tokio::test]
+    async fn large_files_upload_in_parts_and_read_back_identical() {
+        let moto = Moto::start();
+        let store = multipart_store(&moto, "s4db-multipart").await;
+        let dir = tempfile::tempdir().unwrap();
+        let (path, data) = twelve_mib_file(dir.path());
+
+        let etag = store
+            .put_file("db/big", &path, PutCondition::IfAbsent)
+            .await
+            .unwrap();
+        assert!(etag.ends_with("-3\""), "not a 3-part upload: {etag}");
+        let expected = {
+            let parts: Vec<CompletedPart> = data
+                .chunks(5 * MIB as usize)
+                .enumerate()
+                .map(|(i, c)| {
+                    let md5: String = Md5::digest(c).iter().map(|b| format!("{b:02x}")).collect();
+                    CompletedPart::builder()
+                        .part_number(i as i32 + 1)
+                        .e_tag(format!("\"{md5}\""))
+                        .build()
+                })
+                .collect();
+            multipart_etag(&parts)
+        };
+        assert_eq!(expected.as_deref(), Some(etag.as_str()));
+        let got = store.get("db/big").await.unwrap();
+        assert_eq!(got.etag, etag);
+        assert!(got.data[..] == data[..], "downloaded data differs");
+        assert_eq!(store.head("db/big").await.unwrap().size, 12 * MIB);
+        // Ranges across both part boundaries, and the tail.
+        for (offset, len) in [
+            (5 * MIB - 10, 20),
+            (10 * MIB - 3, 6),
+            (0, 11 * MIB),
+            (12 * MIB - 5, 100),
+        ] {
+            let want = &data[offset as usize..((offset + len) as usize).min(data.len())];
+            let have = store.get_range("db/big", offset, len).await.unwrap();
+            assert!(have[..] == want[..], "range {offset}+{len} differs");
+        }
+        // Create-only: the HEAD sees the object, nothing is uploaded.
+        crate::remote::contract::assert_conflict(
+            store
+                .put_file("db/big", &path, PutCondition::IfAbsent)
+                .await,
+        );
+        // Replacing by ETag works; a stale ETag is a conflict.
+        let again = store
+            .put_file("db/big", &path, PutCondition::IfMatch(etag.clone()))
+            .await
+            .unwrap();
+        assert_eq!(again, etag, "same parts, same ETag");
+        crate::remote::contract::assert_conflict(
+            store
+                .put_file("db/big", &path, PutCondition::IfMatch("\"stale\"".into()))
+                .await,
+        );
+        assert!(pending(&store).await.is_empty());
+        // Below the threshold: one PUT, a plain MD5 ETag.
+        let small = dir.path().join("small");
+        std::fs::write(&small, &data[..(5 * MIB - 1) as usize]).unwrap();
+        let etag = store
+            .put_file("db/small", &small, PutCondition::IfAbsent)
+            .await
+            .unwrap();
+        assert!(!etag.contains('-'), "{etag}");
+    }
+
+    #[tokio::test]
+    async fn if_none_match_on_complete_is_a_conflict_and_leaves_no_upload() {
+        // The race the HEAD cannot see: the object appears after it. moto
+        // 5.2.5 honours If-None-Match on CompleteMultipartUpload, like S3.
+        let moto = Moto::start();
+        let store = multipart_store(&moto, "s4db-mp-race").await;
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = twelve_mib_file(dir.path());
+        store
+            .put(
+                "db/raced",
+                Bytes::from_static(b"winner"),
+                PutCondition::IfAbsent,
+            )
+            .await
+            .unwrap();
+        crate::remote::contract::assert_conflict(
+            store
+                .multipart_upload("db/raced", &path, 12 * MIB, PutCondition::IfAbsent)
+                .await,
+        );
+        assert_eq!(&store.get("db/raced").await.unwrap().data[..], b"winner");
+        assert!(pending(&store).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_failed_part_aborts_the_upload() {
+        let moto = Moto::start();
+        let store = multipart_store(&moto, "s4db-mp-fail")
+            .await
+            .with_interceptor(OnRequest {
+                pattern: "partNumber=2",
+                fail: true,
+                seen: Arc::default(),
+            });
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = twelve_mib_file(dir.path());
+        let message = io_message(
+            store
+                .put_file("db/big", &path, PutCondition::IfAbsent)
+                .await,
+        );
+        assert!(message.contains("upload part of db/big"), "{message}");
+        assert!(
+            pending(&store).await.is_empty(),
+            "the upload was not aborted"
+        );
+        crate::remote::contract::assert_not_found(store.head("db/big").await);
+
+        // A file that shrank under the upload fails reading its last part.
+        std::fs::write(&path, vec![1u8; 6 * MIB as usize]).unwrap();
+        let message = io_message(
+            store
+                .multipart_upload("db/short", &path, 12 * MIB, PutCondition::None)
+                .await,
+        );
+        assert!(message.contains("read local file"), "{message}");
+        assert!(pending(&store).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_dropped_upload_is_aborted() {
+        let moto = Moto::start();
+        let seen = Arc::new(tokio::sync::Notify::new());
+        let store = multipart_store(&moto, "s4db-mp-drop")
+            .await
+            .with_interceptor(OnRequest {
+                pattern: "partNumber=",
+                fail: false,
+                seen: seen.clone(),
+            });
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = twelve_mib_file(dir.path());
+        tokio::select! {
+            r = store.put_file("db/big", &path, PutCondition::IfAbsent) => {
+                panic!("finished before it could be dropped: {r:?}")
+            }
+            _ = seen.notified() => {}
+        }
+        // The abort runs on a spawned task.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !pending(&store).await.is_empty() {
+            assert!(Instant::now() < deadline, "the upload was not aborted");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        crate::remote::contract::assert_not_found(store.head("db/big").await);
+    }
+
+    #[tokio::test]
+    async fn stale_uploads_are_listed_and_aborted_under_the_prefix() {
+        let moto = Moto::start();
+        let store = moto.store("s4db-mp-stale").await;
+        let mut ids = Vec::new();
+        for key in ["db/data-1", "db/data-2", "other/data-3"] {
+            let out = store
+                .client
+                .create_multipart_upload()
+                .bucket(&store.bucket)
+                .key(key)
+                .send()
+                .await
+                .unwrap();
+            ids.push(out.upload_id.unwrap());
+        }
+        let listed = store.list_multipart_uploads("db/").await.unwrap();
+        let keys: Vec<_> = listed.iter().map(|u| u.key.as_str()).collect();
+        assert_eq!(keys, ["db/data-1", "db/data-2"]);
+        assert!(listed.iter().all(|u| ids.contains(&u.upload_id)));
+        // moto reports every upload as started in 2010, so an hour is old enough.
+        let aborted = crate::remote::abort_stale_uploads(&store, "db/", Duration::from_secs(3600))
+            .await
+            .unwrap();
+        assert_eq!(aborted.len(), 2);
+        assert!(store
+            .list_multipart_uploads("db/")
+            .await
+            .unwrap()
+            .is_empty());
+        assert_eq!(store.list_multipart_uploads("").await.unwrap().len(), 1);
+        // Aborting again is fine.
+        store
+            .abort_multipart_upload("db/data-1", &ids[0])
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn multipart_with_checksums_when_supported() {
+        let moto = Moto::start();
+        let config = S3Config {
+            checksums: ChecksumMode::WhenSupported,
+            ..multipart_config(&moto, "s4db-mp-crc")
+        };
+        let store = S3Store::connect(config).await.unwrap();
+        store.create_bucket().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (path, data) = twelve_mib_file(dir.path());
+        store
+            .put_file("db/big", &path, PutCondition::IfAbsent)
+            .await
+            .unwrap();
+        assert!(store.get("db/big").await.unwrap().data[..] == data[..]);
+    }
+
+    #[tokio::test]
+    async fn part_sizes_and_timeouts() {
+        let store = S3Store::connect(S3Config {
+            credentials: Some(("AKID".into(), SECRET.into())),
+            region: Some("us-east-1".into()),
+            ..S3Config::new("b")
+        })
+        .await
+        .unwrap();
+        assert_eq!(store.part_size_for(4 * 1024 * MIB), 8 * MIB);
+        // 100 GiB would need 12,800 parts of 8 MiB: 11 MiB parts fit.
+        assert_eq!(store.part_size_for(100 * 1024 * MIB), 11 * MIB);
+        assert_eq!(store.send_timeout(0, 1), Duration::from_secs(60));
+        assert_eq!(store.send_timeout(8 * MIB, 8), Duration::from_secs(60 + 64));
+        for bad in [MIN_PART_SIZE - 1, MAX_PART_SIZE + 1] {
+            let err = S3Store::connect(S3Config {
+                part_size: bad,
+                ..S3Config::new("b")
+            })
+            .await
+            .unwrap_err();
+            assert!(err.to_string().contains("part size"), "{err}");
         }
     }
 }
