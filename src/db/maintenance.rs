@@ -545,6 +545,17 @@ impl S4db {
         for key in self.orphan_hints(&kept).await? {
             self.inner.store.delete(&key).await?;
         }
+        // Parts of multipart uploads a failed or killed upload of a large data
+        // file left behind (the uploader aborts them itself when it can).
+        match crate::remote::abort_stale_uploads(self.inner.store.as_ref(), self.prefix(), grace)
+            .await
+        {
+            Ok(aborted) if !aborted.is_empty() => {
+                tracing::info!("gc: aborted {} unfinished multipart uploads", aborted.len())
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("gc: could not abort unfinished multipart uploads: {e}"),
+        }
         Ok(deleted)
     }
 }
