@@ -16,6 +16,8 @@ pub mod s3;
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::path::Path;
+#[cfg(test)]
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 pub use coalesce::{CoalesceLimits, CoalescingStore};
@@ -189,4 +191,98 @@ pub async fn abort_stale_uploads(
         }
     }
     Ok(aborted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A local store that also has unfinished multipart uploads.
+    #[derive(Debug)]
+    struct WithUploads {
+        inner: LocalStore,
+        uploads: Mutex<Vec<PendingUpload>>,
+    }
+
+    #[async_trait]
+    impl ObjectStore for WithUploads {
+        fn describe(&self) -> String {
+            self.inner.describe()
+        }
+        async fn get(&self, key: &str) -> StoreResult<GetResult> {
+            self.inner.get(key).await
+        }
+        async fn get_range(&self, key: &str, offset: u64, len: u64) -> StoreResult<Bytes> {
+            self.inner.get_range(key, offset, len).await
+        }
+        async fn put(&self, key: &str, data: Bytes, c: PutCondition) -> StoreResult<String> {
+            self.inner.put(key, data, c).await
+        }
+        async fn delete(&self, key: &str) -> StoreResult<()> {
+            self.inner.delete(key).await
+        }
+        async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
+            self.inner.head(key).await
+        }
+        async fn list_page(&self, prefix: &str, next: Option<String>) -> StoreResult<ListPage> {
+            self.inner.list_page(prefix, next).await
+        }
+        async fn list_multipart_uploads(&self, prefix: &str) -> StoreResult<Vec<PendingUpload>> {
+            let uploads = self.uploads.lock().unwrap();
+            Ok(uploads
+                .iter()
+                .filter(|u| u.key.starts_with(prefix))
+                .cloned()
+                .collect())
+        }
+        async fn abort_multipart_upload(&self, key: &str, id: &str) -> StoreResult<()> {
+            let mut uploads = self.uploads.lock().unwrap();
+            uploads.retain(|u| (u.key.as_str(), u.upload_id.as_str()) != (key, id));
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn only_old_uploads_under_the_prefix_are_aborted_through_the_wrappers() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = SystemTime::now();
+        let upload = |key: &str, age: u64| PendingUpload {
+            key: key.to_string(),
+            upload_id: format!("id-{key}"),
+            initiated: now - Duration::from_secs(age),
+        };
+        let base = Arc::new(WithUploads {
+            inner: LocalStore::open(dir.path(), "bucket").unwrap(),
+            uploads: Mutex::new(vec![
+                upload("db/old", 7200),
+                upload("db/young", 60),
+                upload("other/old", 7200),
+            ]),
+        });
+        let faulty = Arc::new(FaultStore::new(base.clone()));
+        let store = CoalescingStore::new(Arc::new(MeteredStore::new(faulty.clone())));
+        let aborted = abort_stale_uploads(&store, "db/", Duration::from_secs(3600))
+            .await
+            .unwrap();
+        assert_eq!(aborted, vec![upload("db/old", 7200)]);
+        let left: Vec<String> = base
+            .uploads
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|u| u.key.clone())
+            .collect();
+        assert_eq!(left, ["db/young", "other/old"]);
+        assert_eq!(
+            (faulty.count(Op::ListUploads), faulty.count(Op::AbortUpload)),
+            (1, 1)
+        );
+        // Stores without multipart uploads have none to abort.
+        let plain = LocalStore::open(dir.path(), "bucket").unwrap();
+        assert!(abort_stale_uploads(&plain, "", Duration::ZERO)
+            .await
+            .unwrap()
+            .is_empty());
+    }
 }
