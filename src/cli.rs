@@ -64,6 +64,10 @@ pub struct GlobalArgs {
     /// Soft size limit of a data file, in bytes
     #[arg(long, global = true, value_name = "BYTES")]
     pub max_file_size: Option<u64>,
+    /// Part size of multipart uploads to S3, in bytes (5 MiB to 5 GiB; default
+    /// 8 MiB); data files from 16 MiB (or one part) on are uploaded in parts
+    #[arg(long, global = true, value_name = "BYTES")]
+    pub write_part_size: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -117,8 +121,27 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Rewrite live entries into new files and drop dead ones
-    Compact { db: String },
+    /// Compact: by default incrementally (merge small data files by size tier,
+    /// rewrite mostly dead ones; what they replace is deleted by a later `gc`
+    /// once the grace period has passed), or rewrite everything with --full
+    Compact {
+        db: String,
+        /// Rewrite every live entry into new files and delete the old objects at once
+        #[arg(long, conflicts_with = "incremental")]
+        full: bool,
+        /// Bounded rounds until nothing is left to merge (the default)
+        #[arg(long)]
+        incremental: bool,
+        /// Merge a size tier once it holds this many data files
+        #[arg(long, default_value_t = 4)]
+        min_files: usize,
+        /// Rewrite a data file whose live bytes are below this share of its size
+        #[arg(long, default_value_t = 0.5)]
+        dead_ratio: f64,
+        /// Most bytes of data files one round reads
+        #[arg(long, default_value_t = 256 * 1024 * 1024)]
+        max_bytes: u64,
+    },
     /// Rebuild the index by replaying data files and commit it (with --no-upload: only report)
     RebuildIndex {
         db: String,
@@ -183,7 +206,7 @@ pub async fn run(cli: Cli) -> Result<Outcome> {
         | Command::Export { db }
         | Command::Upload { db }
         | Command::Download { db, .. }
-        | Command::Compact { db }
+        | Command::Compact { db, .. }
         | Command::RebuildIndex { db, .. }
         | Command::Gc { db, .. }
         | Command::Stats { db }
@@ -200,6 +223,7 @@ pub async fn run(cli: Cli) -> Result<Outcome> {
             Checksums::WhenRequired => ChecksumMode::WhenRequired,
             Checksums::WhenSupported => ChecksumMode::WhenSupported,
         },
+        write_part_size: g.write_part_size,
     }
     .connect(&target)
     .await?;
@@ -321,10 +345,54 @@ pub async fn run(cli: Cli) -> Result<Outcome> {
             print_json(&mut stdout, &report)?;
         }
         Command::Download { force, .. } => db.download(force).await?,
-        Command::Compact { .. } => {
+        Command::Compact { full: true, .. } => {
             db.upload().await?;
             let report = db.compact().await?;
             print_json(&mut stdout, &report)?;
+        }
+        Command::Compact {
+            min_files,
+            dead_ratio,
+            max_bytes,
+            ..
+        } => {
+            db.upload().await?;
+            let opts = crate::db::CompactOptions {
+                min_files: min_files.max(2),
+                dead_ratio,
+                max_round_bytes: max_bytes,
+            };
+            let mut total = crate::db::RoundReport::default();
+            let mut rounds = 0u32;
+            while rounds < 1000 {
+                let r = db.compact_round(&opts).await?;
+                rounds += 1;
+                if !r.did_work() {
+                    break;
+                }
+                total.files_merged += r.files_merged;
+                total.files_written += r.files_written;
+                total.files_retired += r.files_retired;
+                total.bytes_read += r.bytes_read;
+                total.bytes_written += r.bytes_written;
+                total.keys_moved += r.keys_moved;
+            }
+            let stats = db.stats();
+            print_json(
+                &mut stdout,
+                &serde_json::json!({
+                    "mode": "incremental",
+                    "rounds": rounds,
+                    "files_merged": total.files_merged,
+                    "files_written": total.files_written,
+                    "files_retired": total.files_retired,
+                    "bytes_read": total.bytes_read,
+                    "bytes_written": total.bytes_written,
+                    "keys_moved": total.keys_moved,
+                    "keys": stats.keys,
+                    "files_after": stats.data_files,
+                }),
+            )?;
         }
         Command::RebuildIndex { from_s3, .. } => {
             let report = db.rebuild_index(from_s3).await?;

@@ -1794,3 +1794,212 @@ mod attributes {
         }
     }
 }
+
+// ------------------------------------------------- incremental compaction
+
+mod incremental {
+    use super::*;
+    use s4db::db::attr_codec::{decode_object, ATTRS_NAME};
+    use s4db::db::attrs::Op as DbOp;
+    use s4db::db::CompactOptions;
+    use std::collections::BTreeSet;
+
+    async fn names(store: &dyn ObjectStore, prefix: &str) -> BTreeSet<String> {
+        store
+            .list(prefix)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key[prefix.len()..].to_string())
+            .collect()
+    }
+
+    fn data(names: &BTreeSet<String>) -> BTreeSet<String> {
+        names
+            .iter()
+            .filter(|n| n.starts_with("data_"))
+            .cloned()
+            .collect()
+    }
+
+    /// `n` uploads of one key each (every third with attributes), and an
+    /// overwrite and a delete; returns the expected contents.
+    async fn small_uploads(db: &S4db, n: usize) -> BTreeMap<String, Value> {
+        let mut want = BTreeMap::new();
+        for i in 0..n {
+            let (key, value) = (format!("k{i:04}"), text(&format!("value {i}")));
+            if i % 3 == 0 {
+                db.write(vec![DbOp::Put {
+                    key: key.clone(),
+                    value: value.clone(),
+                    attrs: Some(super::attributes::sample(0o600 + i as u16 % 8, 7)),
+                }])
+                .unwrap();
+            } else {
+                db.put([(key.clone(), value.clone())]).unwrap();
+            }
+            want.insert(key, value);
+            db.upload().await.unwrap();
+        }
+        db.put([("k0001", text("overwritten"))]).unwrap();
+        want.insert("k0001".into(), text("overwritten"));
+        db.delete(["k0002"]).unwrap();
+        want.remove("k0002");
+        db.upload().await.unwrap();
+        want
+    }
+
+    async fn contents(db: &S4db) -> BTreeMap<String, Value> {
+        db.items(ScanMode::PerKey)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rounds_merge_small_files_keep_values_and_attributes_and_gc_waits_for_the_grace() {
+        for b in Backend::all().await {
+            let dir = tempfile::tempdir().unwrap();
+            let db = b.open("p", with_dir(dir.path())).await;
+            let want = small_uploads(&db, 40).await;
+            let attrs_before: BTreeMap<String, _> = want
+                .keys()
+                .filter_map(|k| db.attrs(k).map(|a| (k.clone(), a)))
+                .collect();
+            assert_eq!(attrs_before.len(), 14, "{}", b.name);
+            let before = data(&names(b.store.as_ref(), "p/").await);
+            assert!(before.len() >= 41, "{}: {before:?}", b.name);
+            // A reader holding the index from before the compaction.
+            let old_reader = b.open("p", OpenOptions::default()).await;
+
+            let opts = CompactOptions::default();
+            let r = db.compact_round(&opts).await.unwrap();
+            assert_eq!(
+                (r.files_merged, r.files_written),
+                (want.len(), 1),
+                "{}",
+                b.name
+            );
+            assert_eq!(r.keys_moved, want.len(), "{}", b.name);
+            // Nothing left to do: a second round is a no-op.
+            assert!(!db.compact_round(&opts).await.unwrap().did_work());
+            assert_eq!(db.stats().data_files, 1, "{}", b.name);
+            assert_eq!(contents(&db).await, want, "{}", b.name);
+            for (k, a) in &attrs_before {
+                assert_eq!(db.attrs(k).as_deref(), Some(&**a), "{}: {k}", b.name);
+            }
+            // A fresh open sees the same values and attributes.
+            let fresh = b.open("p", OpenOptions::default()).await;
+            assert_eq!(contents(&fresh).await, want, "{}", b.name);
+            for (k, a) in &attrs_before {
+                assert_eq!(fresh.attrs(k).as_deref(), Some(&**a), "{}: {k}", b.name);
+            }
+            // The replaced objects are retired, not deleted: the old reader
+            // reads them, and gc within the grace period keeps them.
+            let objects = names(b.store.as_ref(), "p/").await;
+            assert!(objects.contains(s4db::db::RETIRED_NAME), "{objects:?}");
+            assert!(data(&objects).is_superset(&before), "{}", b.name);
+            assert_eq!(contents(&old_reader).await, want, "{}", b.name);
+            assert!(db.gc(Duration::from_secs(3600)).await.unwrap().is_empty());
+            // Past the grace period gc deletes them and their hint objects.
+            let deleted = db.gc(Duration::ZERO).await.unwrap();
+            assert_eq!(deleted.len(), before.len(), "{}: {deleted:?}", b.name);
+            let objects = names(b.store.as_ref(), "p/").await;
+            assert_eq!(data(&objects).len(), 1, "{}: {objects:?}", b.name);
+            let hints: Vec<_> = objects.iter().filter(|n| n.starts_with("hints/")).collect();
+            assert_eq!(hints.len(), 1, "{}: {objects:?}", b.name);
+            // The old reader finds its objects gone and refreshes by itself.
+            assert_eq!(get(&old_reader, "k0003").await, Some(text("value 3")));
+            // The attribute object keeps no record of a deleted file.
+            let got = b.store.get(&format!("p/{ATTRS_NAME}")).await.unwrap();
+            let object = decode_object(ATTRS_NAME, &got.data).unwrap();
+            let live = db.location("k0000").unwrap().file_id;
+            assert!(
+                object.files.iter().all(|(_, r)| r.loc.file_id == live),
+                "{}: {:?}",
+                b.name,
+                object
+                    .files
+                    .iter()
+                    .map(|(k, r)| (k, r.loc))
+                    .collect::<Vec<_>>()
+            );
+            let m = db.maintenance_stats();
+            assert!(m.compactions >= 1 && m.objects_deleted >= 2 * before.len() as u64 - 2);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn moves_give_way_to_a_concurrent_writer_and_rounds_respect_their_budget() {
+        let b = Backend::moto().await;
+        let dir = tempfile::tempdir().unwrap();
+        let db = b.open("p", with_dir(dir.path())).await;
+        let mut want = small_uploads(&db, 12).await;
+        // Another writer overwrites and deletes keys after our last look.
+        let other = b.open("p", OpenOptions::default()).await;
+        other.put([("k0004", text("theirs"))]).unwrap();
+        other.delete(["k0005"]).unwrap();
+        other.upload().await.unwrap();
+        want.insert("k0004".into(), text("theirs"));
+        want.remove("k0005");
+        // A tight budget: a round reads at most two files (of 34 bytes).
+        let tight = CompactOptions {
+            max_round_bytes: 70,
+            ..CompactOptions::default()
+        };
+        let r = db.compact_round(&tight).await.unwrap();
+        assert_eq!(r.files_merged, 2, "{r:?}");
+        // Rounds until done: the commit rebased onto the other writer's.
+        let opts = CompactOptions::default();
+        while db.compact_round(&opts).await.unwrap().did_work() {}
+        assert_eq!(contents(&db).await, want);
+        let fresh = b.open("p", OpenOptions::default()).await;
+        assert_eq!(contents(&fresh).await, want);
+        assert!(fresh.stats().data_files <= 4, "{:?}", fresh.stats());
+        db.gc(Duration::ZERO).await.unwrap();
+        assert_eq!(
+            contents(&b.open("p", OpenOptions::default()).await).await,
+            want
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_local_directory_is_private_and_evicts_published_files_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let b = Backend::local();
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("a/b/local");
+        let db = b.open("p", with_dir(&dir)).await;
+        db.put([("published", text("one"))]).unwrap();
+        db.upload().await.unwrap();
+        db.put([("unsynced", text("two"))]).unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        let files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert!(files.len() >= 3, "{files:?}");
+        for f in &files {
+            assert_eq!(mode(f), 0o600, "{f:?}");
+        }
+        // Past a cap of zero only the published file goes.
+        let (n, _) = db.evict_local(0).unwrap();
+        assert_eq!(n, 1);
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with("data_"))
+            .collect();
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert_eq!(get(&db, "published").await, Some(text("one")));
+        assert_eq!(get(&db, "unsynced").await, Some(text("two")));
+        drop(db);
+        // Unsynced data survived the eviction.
+        let db = b.open("p", with_dir(&dir)).await;
+        db.upload().await.unwrap();
+        let fresh = b.open("p", OpenOptions::default()).await;
+        assert_eq!(get(&fresh, "unsynced").await, Some(text("two")));
+    }
+}

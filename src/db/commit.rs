@@ -93,6 +93,7 @@ impl S4db {
                 state.inflight.clear();
                 state.attr_inflight.clear();
                 state.index_rewritten = false;
+                state.moves.clear();
                 state.prune_attrs();
                 state.save_pending_list()?;
                 state.rewrite_attr_log()?;
@@ -150,6 +151,7 @@ impl S4db {
                     OwnFile {
                         published: true,
                         unconditional: false,
+                        compacted: false,
                     },
                 );
                 report.files += 1;
@@ -213,6 +215,7 @@ impl S4db {
                         state.attrs_etag = Some(etag);
                         state.attrs_generation = generation;
                         attrs_done = true;
+                        state.attrs_object_stale = false;
                         if !self.inner.opts.fenced {
                             tracing::warn!("unfenced commit of {attrs_key}: a concurrent writer's attribute changes may have been overwritten");
                         }
@@ -231,7 +234,7 @@ impl S4db {
             }
             let (bytes, condition, rewritten) = {
                 let state = self.state();
-                if state.inflight.is_empty() && !state.index_rewritten {
+                if state.inflight.is_empty() && !state.index_rewritten && state.moves.is_empty() {
                     // Only attributes changed: the committed index stays as it is.
                     return Ok((attempt, attrs_done));
                 }

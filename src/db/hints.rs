@@ -175,18 +175,28 @@ impl S4db {
         }
     }
 
-    /// Hint objects whose data file is not in `live` (for gc).
+    /// Hint objects to delete (for gc): those of the data files in
+    /// `deleted`, and those whose data file is not in `live` that are older
+    /// than `grace` (a hint is PUT just after its data file, so a young one
+    /// may belong to a file uploaded after `live` was listed).
     pub(crate) async fn orphan_hints(
         &self,
         live: &std::collections::HashSet<u64>,
+        deleted: &std::collections::HashSet<u64>,
+        grace: Duration,
     ) -> Result<Vec<String>> {
         let dir = self.object_key(HINTS_DIR);
         let listed = self.inner.store.list(&dir).await?;
+        let now = SystemTime::now();
         Ok(listed
             .into_iter()
             .filter(|o| {
                 let name = o.key[dir.len()..].trim_end_matches(".hint");
-                crate::format::parse_data_file_name(name).is_none_or(|id| !live.contains(&id))
+                let old = now.duration_since(o.last_modified).unwrap_or_default() >= grace;
+                match crate::format::parse_data_file_name(name) {
+                    Some(id) => deleted.contains(&id) || (old && !live.contains(&id)),
+                    None => old,
+                }
             })
             .map(|o| o.key)
             .collect())

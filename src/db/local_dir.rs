@@ -15,12 +15,13 @@
 
 use crate::error::{Error, Result};
 use crate::format::data_file_name;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 const LOCK_NAME: &str = "s4db.lock";
@@ -37,6 +38,33 @@ pub(crate) struct LocalDir {
     handles: Mutex<BTreeMap<u64, Arc<File>>>,
     /// Mappings of sealed data files, made on their first read.
     maps: Mutex<BTreeMap<u64, Arc<Mapping>>>,
+    /// When each data file was last read here (a tick of `clock`), for
+    /// evicting the least recently used ones.
+    used: Mutex<HashMap<u64, u64>>,
+    clock: AtomicU64,
+}
+
+/// Creates `path` (and missing parents) owner-only, 0700.
+pub fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+}
+
+/// Why `path` (an existing directory) is not private, if it is not: a
+/// warning to show (the data files in it are readable only by their owner,
+/// but names and sizes are visible, and others may add files).
+pub fn privacy_warning(path: &Path) -> Option<String> {
+    let mode = fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o077 != 0).then(|| {
+        format!(
+            "the local directory {} is open to other users (mode {mode:04o}); \
+             its data files are owner-only, but `chmod 700 {}` keeps their names and sizes private too",
+            path.display(),
+            path.display()
+        )
+    })
 }
 
 /// A shared read-only mapping of a whole sealed data file.
@@ -104,9 +132,31 @@ impl Drop for Mapping {
 
 impl LocalDir {
     /// Opens (creating) `path` and takes its exclusive lock.
+    /// Created owner-only (0700); an existing directory open to others is
+    /// used with a warning. Files made here are 0600; files an older version
+    /// left readable by others are made 0600 too.
     pub fn open(path: &Path) -> Result<LocalDir> {
-        fs::create_dir_all(path).map_err(|e| Error::io("create local directory", path, e))?;
-        Self::locked(path.to_path_buf(), None)
+        create_private_dir(path).map_err(|e| Error::io("create local directory", path, e))?;
+        if let Some(w) = privacy_warning(path) {
+            tracing::warn!("{w}");
+        }
+        let dir = Self::locked(path.to_path_buf(), None)?;
+        dir.tighten_modes();
+        Ok(dir)
+    }
+
+    /// Makes the files directly in the directory owner-only (best effort).
+    fn tighten_modes(&self) {
+        let Ok(entries) = fs::read_dir(&self.path) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_file() && m.permissions().mode() & 0o077 != 0 {
+                let mode = m.permissions().mode() & 0o700;
+                let _ = fs::set_permissions(e.path(), fs::Permissions::from_mode(mode));
+            }
+        }
     }
 
     /// A fresh temporary directory, removed when the database is dropped.
@@ -122,6 +172,7 @@ impl LocalDir {
         let lock_path = path.join(LOCK_NAME);
         let mut lock = OpenOptions::new()
             .create(true)
+            .mode(0o600)
             .truncate(false)
             .read(true)
             .write(true)
@@ -146,6 +197,8 @@ impl LocalDir {
             _temp: temp,
             handles: Mutex::new(BTreeMap::new()),
             maps: Mutex::new(BTreeMap::new()),
+            used: Mutex::new(HashMap::new()),
+            clock: AtomicU64::new(1),
         })
     }
 
@@ -184,6 +237,9 @@ impl LocalDir {
         f: impl FnOnce(&[u8]) -> R,
     ) -> Result<Option<R>> {
         let cached = self.maps.lock().unwrap().get(&file_id).cloned();
+        if cached.is_some() {
+            self.touch(file_id);
+        }
         let map = match cached {
             Some(m) => Some(m),
             None => self.map(file_id)?,
@@ -247,7 +303,14 @@ impl LocalDir {
         Ok(true)
     }
 
+    /// Records a read of data file `file_id` (for LRU eviction).
+    fn touch(&self, file_id: u64) {
+        let tick = self.clock.fetch_add(1, Ordering::Relaxed);
+        self.used.lock().unwrap().insert(file_id, tick);
+    }
+
     fn handle(&self, file_id: u64) -> Result<Option<Arc<File>>> {
+        self.touch(file_id);
         if let Some(f) = self.handles.lock().unwrap().get(&file_id) {
             return Ok(Some(f.clone()));
         }
@@ -268,6 +331,52 @@ impl LocalDir {
     pub fn forget(&self, file_id: u64) {
         self.handles.lock().unwrap().remove(&file_id);
         self.maps.lock().unwrap().remove(&file_id);
+    }
+
+    /// Removes data files until the data files here take at most `cap`
+    /// bytes: never one in `keep` (unpublished, being written); first the
+    /// ones not in `referenced` (nothing reads them), then the least
+    /// recently read (files not read since open count by their mtime, as
+    /// older than any read). Returns the files and bytes removed.
+    pub fn evict(
+        &self,
+        cap: u64,
+        keep: &HashSet<u64>,
+        referenced: &HashSet<u64>,
+    ) -> Result<(u64, u64)> {
+        let files = self.data_files()?;
+        let mut total: u64 = files.iter().map(|(_, s)| s).sum();
+        if total <= cap {
+            // Forget reads of files that are gone (the map stays as small as the directory).
+            let here: HashSet<u64> = files.iter().map(|(id, _)| *id).collect();
+            self.used.lock().unwrap().retain(|id, _| here.contains(id));
+            return Ok((0, 0));
+        }
+        let used = self.used.lock().unwrap().clone();
+        let mut order: Vec<(bool, u64, std::time::SystemTime, u64, u64)> = files
+            .iter()
+            .filter(|(id, _)| !keep.contains(id))
+            .map(|(id, size)| {
+                let mtime = fs::metadata(self.file_path(*id))
+                    .and_then(|m| m.modified())
+                    .unwrap_or(std::time::UNIX_EPOCH);
+                let tick = used.get(id).copied().unwrap_or(0);
+                (referenced.contains(id), tick, mtime, *id, *size)
+            })
+            .collect();
+        order.sort_by_key(|a| (a.0, a.1, a.2));
+        let (mut n, mut bytes) = (0, 0);
+        for (_, _, _, id, size) in order {
+            if total <= cap {
+                break;
+            }
+            self.remove(id)?;
+            self.used.lock().unwrap().remove(&id);
+            total -= size;
+            n += 1;
+            bytes += size;
+        }
+        Ok((n, bytes))
     }
 
     /// The size of a local data file, `None` when absent.
@@ -315,6 +424,7 @@ impl LocalDir {
         let path = self.file_path(file_id);
         let mut file = OpenOptions::new()
             .create_new(true)
+            .mode(0o600)
             .read(true)
             .append(true)
             .open(&path)
@@ -359,6 +469,7 @@ impl LocalDir {
         let path = self.path.join(PENDING_NAME);
         let mut f = OpenOptions::new()
             .create(true)
+            .mode(0o600)
             .append(true)
             .open(&path)
             .map_err(|e| Error::io("open", &path, e))?;

@@ -35,7 +35,7 @@ pub struct RebuildReport {
 
 impl S4db {
     /// Lists the data objects under the prefix, as `(file_id, meta)`.
-    async fn list_data_objects(&self) -> Result<Vec<(u64, ObjectMeta)>> {
+    pub(crate) async fn list_data_objects(&self) -> Result<Vec<(u64, ObjectMeta)>> {
         let prefix = self.prefix().to_string();
         let objects = self.inner.store.list(&prefix).await?;
         Ok(objects
@@ -139,6 +139,7 @@ impl S4db {
             }
             state.active = None;
             state.journal.clear();
+            state.moves.clear();
             state.index_rewritten = false;
             state.index = index;
             state.index_etag = etag;
@@ -364,6 +365,7 @@ impl S4db {
                     OwnFile {
                         published: true,
                         unconditional: false,
+                        compacted: false,
                     },
                 );
             }
@@ -512,10 +514,19 @@ impl S4db {
 
     /// Deletes data objects that the index does not reference, that this
     /// instance did not write, and that are older than `grace` (so a
-    /// concurrent writer's uploaded-but-uncommitted files survive). Returns
-    /// the deleted file names.
+    /// concurrent writer's uploaded-but-uncommitted files survive); objects
+    /// a compaction retired go once `grace` has passed since they were
+    /// retired too (readers of an older index keep them meanwhile). Also
+    /// deletes the hint objects of deleted data files (and orphaned ones
+    /// older than `grace`), and drops attribute records of entries in files
+    /// that are gone from the attribute object. Returns the deleted data
+    /// file names.
     pub async fn gc(&self, grace: Duration) -> Result<Vec<String>> {
         let _serial = self.inner.maintenance.lock().await;
+        self.gc_locked(grace).await
+    }
+
+    pub(crate) async fn gc_locked(&self, grace: Duration) -> Result<Vec<String>> {
         let (referenced, own) = {
             let state = self.state();
             if state.has_unsynced() {
@@ -526,12 +537,21 @@ impl S4db {
             let own: HashSet<u64> = state.files.keys().copied().collect();
             (referenced, own)
         };
+        let (retired, _) = self.fetch_retired().await?;
         let now = SystemTime::now();
+        let now_unix = super::retired::unix_now();
         let mut deleted = Vec::new();
+        let mut deleted_ids = HashSet::new();
         let mut kept = HashSet::new();
+        let mut objects = 0u64;
         for (id, meta) in self.list_data_objects().await? {
             let age = now.duration_since(meta.last_modified).unwrap_or_default();
-            if referenced.contains(&id) || own.contains(&id) || age < grace {
+            let name = data_file_name(id);
+            let old_enough = age >= grace
+                && retired
+                    .get(&name)
+                    .is_none_or(|t| now_unix.saturating_sub(*t) >= grace.as_secs());
+            if referenced.contains(&id) || own.contains(&id) || !old_enough {
                 kept.insert(id);
                 continue;
             }
@@ -539,11 +559,19 @@ impl S4db {
             if let Some(local) = self.state().local.clone() {
                 local.remove(id)?;
             }
-            deleted.push(data_file_name(id));
+            deleted.push(name);
+            deleted_ids.insert(id);
+            objects += 1;
+        }
+        if !retired.is_empty() {
+            let kept_names: HashSet<String> = kept.iter().map(|id| data_file_name(*id)).collect();
+            self.edit_retired(|list| list.retain(|n, _| kept_names.contains(n)))
+                .await?;
         }
         // Hints of data files that are gone (deleted here, or by the Python package).
-        for key in self.orphan_hints(&kept).await? {
+        for key in self.orphan_hints(&kept, &deleted_ids, grace).await? {
             self.inner.store.delete(&key).await?;
+            objects += 1;
         }
         // Parts of multipart uploads a failed or killed upload of a large data
         // file left behind (the uploader aborts them itself when it can).
@@ -556,7 +584,79 @@ impl S4db {
             Ok(_) => {}
             Err(e) => tracing::warn!("gc: could not abort unfinished multipart uploads: {e}"),
         }
+        let pruned = self.prune_dead_records(&kept, &own).await?;
+        let c = &self.inner.counters;
+        c.gc_runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        c.objects_deleted
+            .fetch_add(objects, std::sync::atomic::Ordering::Relaxed);
+        c.attr_records_pruned
+            .fetch_add(pruned as u64, std::sync::atomic::Ordering::Relaxed);
+        c.last_gc
+            .store(now_unix, std::sync::atomic::Ordering::Relaxed);
+        if objects > 0 || pruned > 0 {
+            tracing::info!("gc: deleted {objects} objects, dropped {pruned} attribute records");
+        }
         Ok(deleted)
+    }
+
+    /// Drops the attribute records whose entries are in data files that no
+    /// longer exist (neither in `listed` nor written here) and that no key
+    /// names, and commits the smaller attribute object (skipped when writes
+    /// are unsynced, or on a lost race: the next gc tries again). Returns
+    /// how many records went.
+    async fn prune_dead_records(&self, listed: &HashSet<u64>, own: &HashSet<u64>) -> Result<usize> {
+        let exists = |id: u64| listed.contains(&id) || own.contains(&id);
+        let (bytes, condition, generation, mut table, pruned) = {
+            let state = self.state();
+            if state.has_unsynced() {
+                return Ok(0);
+            }
+            let mut table = state.attrs.clone();
+            let index = &state.index.entries;
+            let before = table.files.len() + table.spare.values().map(Vec::len).sum::<usize>();
+            table.files.retain(|k, r| {
+                exists(r.loc.file_id)
+                    || index
+                        .get(k.as_str())
+                        .is_some_and(|l| super::attrs::same_entry(*l, r.loc))
+            });
+            table.prune_spare(|_, r| exists(r.loc.file_id));
+            let after = table.files.len() + table.spare.values().map(Vec::len).sum::<usize>();
+            if after == before && !state.attrs_object_stale {
+                return Ok(0);
+            }
+            table.reindex_links();
+            let generation = state.attrs_generation + 1;
+            let files = table.files.iter().map(|(k, r)| (k.as_str(), r)).chain(
+                table
+                    .spare
+                    .iter()
+                    .flat_map(|(k, v)| v.iter().map(move |r| (k.as_str(), r))),
+            );
+            let dirs = table.dirs.iter().map(|(p, a)| (p.as_str(), &**a));
+            let bytes = super::attr_codec::encode_object(generation, files, dirs);
+            let condition = self.index_condition(&state.attrs_etag);
+            (bytes, condition, generation, table.clone(), before - after)
+        };
+        let key = self.object_key(super::attr_codec::ATTRS_NAME);
+        match self.inner.store.put(&key, bytes.into(), condition).await {
+            Ok(etag) => {
+                let mut state = self.state();
+                for (k, c) in &state.attr_journal {
+                    table.apply(k, c);
+                }
+                state.attrs = table;
+                state.attrs_etag = Some(etag);
+                state.attrs_generation = generation;
+                state.attrs_object_stale = false;
+                Ok(pruned)
+            }
+            Err(StoreError::Conflict { .. }) => {
+                tracing::info!("gc: {key} changed meanwhile; its dead records go next time");
+                Ok(0)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
@@ -597,6 +697,7 @@ fn install_rebuilt(state: &mut State, index: Index, unpublished: &[u64]) {
     let entries = &state.index.entries;
     state.attrs.reselect(|k| entries.get(k).copied());
     state.journal.clear();
+    state.moves.clear();
     state.inflight.clear();
     state.active = None;
     state.index_rewritten = true;
@@ -606,6 +707,7 @@ fn install_rebuilt(state: &mut State, index: Index, unpublished: &[u64]) {
             OwnFile {
                 published: false,
                 unconditional: true,
+                compacted: false,
             },
         );
     }

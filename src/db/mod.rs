@@ -11,10 +11,12 @@ mod attr_store;
 pub mod attrs;
 mod commit;
 mod hints;
+mod incremental;
 mod local_dir;
 mod maintenance;
 mod readahead;
 mod recovery;
+mod retired;
 mod state;
 
 use crate::error::{Error, Result};
@@ -25,6 +27,7 @@ use crate::format::{
 use crate::remote::{ObjectStore, StoreError};
 use futures::StreamExt;
 use local_dir::LocalDir;
+pub use local_dir::{create_private_dir, privacy_warning};
 use state::{ActiveFile, OwnFile, State};
 use std::io::Write;
 use std::path::PathBuf;
@@ -33,7 +36,9 @@ use std::time::Instant;
 
 pub use commit::UploadReport;
 pub use hints::FileHints;
+pub use incremental::{CompactOptions, MaintenanceStats, RoundReport};
 pub use maintenance::{CompactReport, RebuildReport};
+pub use retired::RETIRED_NAME;
 
 /// Default soft limit of a data file, as in the Python package.
 pub const DEFAULT_MAX_FILE_SIZE: u64 = 64 * 1024 * 1024;
@@ -149,6 +154,8 @@ struct Inner {
     maintenance: tokio::sync::Mutex<()>,
     /// When `open`'s GET of the index returned (the mount logs its start-up timings).
     index_fetched_at: Instant,
+    /// Totals of compaction, gc and eviction.
+    counters: incremental::Counters,
 }
 
 /// Decodes the entry bytes found at `loc` (CRC first), checking that they are
@@ -174,6 +181,11 @@ pub(crate) fn decode_live(key: &str, loc: Location, bytes: &[u8]) -> Result<Valu
         )
         .into()),
     }
+}
+
+/// Whether `e` is a local write that failed for want of space.
+pub(crate) fn is_disk_full(e: &Error) -> bool {
+    matches!(e, Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC))
 }
 
 /// Whether data file `file_id` is sealed: not the file this process appends
@@ -286,6 +298,7 @@ impl S4db {
                 maintenance: tokio::sync::Mutex::new(()),
                 opts,
                 index_fetched_at,
+                counters: Default::default(),
             }),
         };
         let (table, etag, generation) = db.load_attrs(fetched_attrs).await;
@@ -456,7 +469,15 @@ impl S4db {
         }
         let placed = match spans.is_empty() {
             true => Vec::new(),
-            false => self.append_locked(&mut state, &buf, spans)?,
+            false => match self.append_locked(&mut state, &buf, spans.clone()) {
+                Err(e) if is_disk_full(&e) => {
+                    drop(state);
+                    self.make_room(&e);
+                    state = self.state();
+                    self.append_locked(&mut state, &buf, spans)?
+                }
+                r => r?,
+            },
         };
         let placed: Vec<Option<Location>> =
             slot_of.into_iter().map(|s| s.map(|i| placed[i])).collect();
@@ -486,7 +507,15 @@ impl S4db {
             spans.push((key, start, buf.len() - start, false));
         }
         let mut state = self.state();
-        let placed = self.append_locked(&mut state, &buf, spans)?;
+        let placed = match self.append_locked(&mut state, &buf, spans.clone()) {
+            Err(e) if is_disk_full(&e) => {
+                drop(state);
+                self.make_room(&e);
+                state = self.state();
+                self.append_locked(&mut state, &buf, spans)?
+            }
+            r => r?,
+        };
         let placed: Vec<Option<Location>> = placed.into_iter().map(Some).collect();
         after(&mut state, &placed);
         state.flush_attr_log();
@@ -622,6 +651,7 @@ impl S4db {
             OwnFile {
                 published: false,
                 unconditional: false,
+                compacted: false,
             },
         );
         Ok(())
@@ -972,6 +1002,25 @@ impl S4db {
         local.sync_dir()
     }
 
+    /// After a write failed with ENOSPC: says so, and evicts every published
+    /// data file from the local directory so a retry may fit. Nothing that
+    /// was acknowledged is touched (unpublished files are never evicted; the
+    /// failed append was cut back).
+    pub(crate) fn make_room(&self, e: &Error) {
+        let dir = self.state().local.as_ref().map(|l| l.path().to_path_buf());
+        let freed = self.evict_local(0);
+        tracing::error!(
+            "the local directory {} is full ({e}); evicted published data files to make room ({}); \
+             writes fail with ENOSPC until there is space: free some, or give --local-dir a larger file system \
+             (nothing written before is lost: unsynced data stays until it is uploaded)",
+            dir.as_deref().map_or("-".into(), |d| d.display().to_string()),
+            match freed {
+                Ok((n, b)) => format!("{n} files, {b} bytes"),
+                Err(e) => format!("eviction failed: {e}"),
+            }
+        );
+    }
+
     /// Throws away the data files this instance wrote and has not uploaded
     /// (writes replayed from an earlier process are kept), so a failed batch
     /// job leaves nothing behind for a later upload to publish. The in-memory
@@ -998,6 +1047,7 @@ impl S4db {
         }
         // Start over from the store and replay what earlier processes left.
         state.journal.clear();
+        state.moves.clear();
         state.inflight.clear();
         state.attr_journal.clear();
         state.attr_inflight.clear();

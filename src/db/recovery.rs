@@ -68,6 +68,7 @@ pub(crate) fn replay_pending(state: &mut State, local: &LocalDir) -> Result<()> 
             OwnFile {
                 published: false,
                 unconditional: true,
+                compacted: false,
             },
         );
         tracing::info!(

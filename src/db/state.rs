@@ -25,6 +25,10 @@ pub(crate) struct OwnFile {
     /// Upload without a precondition: a recovered file that a dead process
     /// may already have uploaded in part.
     pub unconditional: bool,
+    /// Written by compaction: copies of entries that are committed already.
+    /// Never in the pending list (a restart must not replay old values over
+    /// newer commits); a crash leaves it an orphan for gc.
+    pub compacted: bool,
 }
 
 #[derive(Debug)]
@@ -67,6 +71,13 @@ pub(crate) struct State {
     /// recorded since its last write (one `write` per batch).
     pub attr_log: Option<File>,
     pub attr_log_buf: Vec<u8>,
+    /// Keys an incremental compaction moved (old entry -> its copy) that are
+    /// not committed yet: applied to every index a rebase adopts, where the
+    /// key still names the old entry.
+    pub moves: HashMap<String, (Location, Location)>,
+    /// The committed attribute object still holds records that were dropped
+    /// here (of files a compaction replaced): gc commits the smaller one.
+    pub attrs_object_stale: bool,
 }
 
 impl State {
@@ -90,6 +101,8 @@ impl State {
             attrs_generation: 0,
             attr_log: None,
             attr_log_buf: Vec::new(),
+            moves: HashMap::new(),
+            attrs_object_stale: false,
         }
     }
 
@@ -334,6 +347,7 @@ impl State {
             || !self.attr_journal.is_empty()
             || !self.attr_inflight.is_empty()
             || self.index_rewritten
+            || !self.moves.is_empty()
             || self.files.values().any(|f| !f.published)
     }
 
@@ -350,7 +364,7 @@ impl State {
     pub fn unpublished_files(&self) -> Vec<u64> {
         self.files
             .iter()
-            .filter(|(_, f)| !f.published)
+            .filter(|(_, f)| !f.published && !f.compacted)
             .map(|(id, _)| *id)
             .collect()
     }
@@ -390,6 +404,14 @@ impl State {
     /// inflight and journal writes on top; last writer wins per key.
     pub fn rebase(&mut self, mut committed: Index, etag: Option<String>) {
         committed.next_file_num = committed.next_file_num.max(self.index.next_file_num);
+        // A compaction's moves hold where the other writer left the key alone.
+        for (k, (old, new)) in &self.moves {
+            if let Some(l) = committed.entries.get_mut(k.as_str()) {
+                if super::attrs::same_entry(*l, *old) {
+                    *l = *new;
+                }
+            }
+        }
         for (k, c) in &self.inflight {
             apply(&mut committed.entries, k, *c);
         }
