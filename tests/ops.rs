@@ -620,8 +620,7 @@ fn json_logs_and_sigusr2_cycles_the_log_level() {
         }
         let last = log_lines(&log)
             .into_iter()
-            .filter(|l| l.contains("log level is now"))
-            .last()
+            .rfind(|l| l.contains("log level is now"))
             .unwrap();
         assert!(
             last.contains(&format!("log level is now {level}")),
