@@ -52,6 +52,10 @@ pub struct MountArgs {
     /// Soft size limit of a data file, in bytes
     #[arg(long, value_name = "BYTES")]
     pub max_file_size: Option<u64>,
+    /// Part size of multipart uploads to S3, in bytes (5 MiB to 5 GiB; default
+    /// 8 MiB); data files from 16 MiB (or one part) on are uploaded in parts
+    #[arg(long, value_name = "BYTES")]
+    pub write_part_size: Option<u64>,
     /// Refuse every write with EROFS
     #[arg(long)]
     pub read_only: bool,
@@ -229,6 +233,7 @@ impl MountArgs {
                 "uid" => self.uid = Some(parse_num(key, need()?)?),
                 "gid" => self.gid = Some(parse_num(key, need()?)?),
                 "max_file_size" => self.max_file_size = Some(parse_num(key, need()?)?),
+                "write_part_size" => self.write_part_size = Some(parse_num(key, need()?)?),
                 "file_mode" => self.file_mode = parse_mode(need()?)?,
                 "dir_mode" => self.dir_mode = parse_mode(need()?)?,
                 "upload_delay" => self.upload_delay = parse_delay(need()?)?,
@@ -286,6 +291,7 @@ impl MountArgs {
             region: self.region.clone(),
             force_path_style: self.force_path_style,
             profile: self.profile.clone(),
+            write_part_size: self.write_part_size,
             ..StoreOptions::default()
         }
     }

@@ -43,6 +43,9 @@ pub struct StoreOptions {
     pub force_path_style: bool,
     pub profile: Option<String>,
     pub checksums: ChecksumMode,
+    /// Part size of multipart uploads (`--write-part-size`); `None`: the
+    /// store's default (see [`S3Config`]).
+    pub write_part_size: Option<u64>,
 }
 
 impl StoreOptions {
@@ -57,6 +60,9 @@ impl StoreOptions {
         config.force_path_style = self.force_path_style;
         config.profile = self.profile.clone();
         config.checksums = self.checksums;
+        if let Some(size) = self.write_part_size {
+            config.part_size = size;
+        }
         Ok(Arc::new(S3Store::connect(config).await?))
     }
 }
