@@ -1298,7 +1298,9 @@ fn the_peer_benchmark_and_its_report_run() {
         }
     }
     let cold = &r["results"]["cold"]["s4db"];
-    assert_eq!(cold["s4db_stats"]["get_range"], r["n"], "{cold}");
+    // At most one range GET per file; a scan of many takes its neighbours along.
+    let ranges = cold["s4db_stats"]["get_range"].as_u64().unwrap();
+    assert!((1..=r["n"].as_u64().unwrap()).contains(&ranges), "{cold}");
     let doc = out_dir.path().join("BENCHMARKS.md");
     let report = root.join("scripts/bench_report.py");
     let results = out_dir.path().to_str().unwrap();
@@ -1505,4 +1507,40 @@ fn cold_scans_of_small_files_cost_one_get_per_mib() {
         .text();
     assert_eq!(sums, one_by_one);
     m.unmount();
+}
+
+/// The kernel may keep names and attributes for long, so a refresh that
+/// brings another writer's commit must invalidate what it changed: new
+/// contents, sizes and modes show, a deleted file is gone, a new one appears.
+#[test]
+fn a_refresh_invalidates_what_other_writers_changed() {
+    let db = Db::new();
+    db.py_put(&tree(&[("f", b"old"), ("gone", b"x"), ("same", b"s")]));
+    let a = Mount::on(&db)
+        .args(&["--refresh-interval", "never"])
+        .start();
+    assert_eq!(
+        a.sh("cat f gone same; stat -c '%s %a' f").ok().text(),
+        "oldxs3 644\n"
+    );
+    db.py_put(&tree(&[("f", b"newer value"), ("added", b"a")]));
+    db.tool(
+        &Py::v10(),
+        &["apply"],
+        br#"[{"op": "delete", "keys": ["gone"]}, {"op": "upload"}]"#,
+    );
+    let b = Mount::on(&db).start();
+    b.sh("chmod 600 same").ok();
+    b.upload();
+    b.unmount();
+    // Still cached: nothing tells the kernel until the refresh.
+    fs::write(a.path(".s4db/refresh"), b"1").unwrap();
+    assert_eq!(
+        a.sh("cat f; echo; stat -c '%s' f; stat -c '%a' same; ls")
+            .ok()
+            .text(),
+        "newer value\n11\n600\nadded\nf\nsame\n"
+    );
+    assert!(!a.path("gone").exists());
+    a.unmount();
 }
