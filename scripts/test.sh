@@ -7,6 +7,7 @@
 #
 # Set-up, each step skipped when already done:
 #   - fuse3 (fusermount3), rsync, attr, git, tar and the user tools the mount tests use
+#   - podman, runc, debootstrap and the base image of tests/container.rs (scripts/container.sh)
 #   - pjdfstest 0.2.2 (cargo install) and its users nobody/nogroup and tests/tests
 #   - .venv-test/py10: moto[server] + boto3 + s4db 0.10.0 (S3 mock server and reference impl.)
 #   - .venv-test/py08: s4db 0.8.0 + boto3 (reference impl. of the old format)
@@ -39,6 +40,12 @@ command -v tar >/dev/null || apt_install tar
 for tool in s3fs rclone fio bc; do
   command -v $tool >/dev/null || apt_install $tool
 done
+# tests/container.rs: podman (run with runc) and debootstrap; scripts/container.sh then
+# writes its containers.conf and makes the debootstrap base image (once, about a minute).
+for tool in podman runc debootstrap; do
+  command -v $tool >/dev/null || apt_install $tool
+done
+"$ROOT/scripts/container.sh" setup >/dev/null
 command -v python3 >/dev/null || apt_install python3 python3-venv
 # Debian's own python3 needs python3-venv for `python3 -m venv`.
 python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv
