@@ -138,7 +138,7 @@ impl LocalDir {
     pub fn open(path: &Path) -> Result<LocalDir> {
         create_private_dir(path).map_err(|e| Error::io("create local directory", path, e))?;
         if let Some(w) = privacy_warning(path) {
-            tracing::warn!("{w}");
+            tracing::info!("{w}");
         }
         let dir = Self::locked(path.to_path_buf(), None)?;
         dir.tighten_modes();
