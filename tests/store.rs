@@ -113,3 +113,86 @@ async fn gc_aborts_dangling_multipart_uploads_under_its_prefix() {
         .collect();
     assert_eq!(left, ["elsewhere/dangling"]);
 }
+
+/// Upload time of one large data file through `scripts/latency_proxy.py`,
+/// single PUT against multipart. A measurement, not a check:
+///
+/// ```text
+/// S4DB_BENCH_MIB=256 S4DB_BENCH_RTT_MS=20 cargo test --release --test store \
+///     -- --ignored --nocapture upload_timing
+/// ```
+///
+/// Extra proxy flags (say a bandwidth cap, when the proxy has one) go in
+/// `S4DB_BENCH_PROXY_ARGS`; another proxy with the same arguments can be
+/// named in `S4DB_BENCH_PROXY`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn upload_timing() {
+    let env = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.into());
+    let mib: u64 = env("S4DB_BENCH_MIB", "256").parse().unwrap();
+    let rtt = env("S4DB_BENCH_RTT_MS", "20");
+    let extra = env("S4DB_BENCH_PROXY_ARGS", "");
+    let moto = Moto::start();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let script = std::env::var_os("S4DB_BENCH_PROXY")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| common::repo_root().join("scripts/latency_proxy.py"));
+    let mut proxy = std::process::Command::new("python3")
+        .arg(script)
+        .args([port.to_string(), "127.0.0.1".into(), moto.port.to_string()])
+        .args(["--rtt-ms", &rtt])
+        .args(extra.split_whitespace())
+        .spawn()
+        .unwrap();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data");
+    std::fs::write(&path, noise((mib * MIB) as usize)).unwrap();
+    let modes: [(&str, u64, u64, usize); 4] = [
+        ("single PUT", u64::MAX, 8 * MIB, 1),
+        ("multipart 8 MiB x 1", 16 * MIB, 8 * MIB, 1),
+        ("multipart 8 MiB x 4", 16 * MIB, 8 * MIB, 4),
+        ("multipart 8 MiB x 8", 16 * MIB, 8 * MIB, 8),
+    ];
+    for (i, (name, threshold, part, in_flight)) in modes.into_iter().enumerate() {
+        let mut config = S3Config::new(format!("s4db-bench-{i}"));
+        config.endpoint_url = Some(endpoint.clone());
+        config.region = Some(REGION.into());
+        config.force_path_style = true;
+        config.credentials = Some((ACCESS_KEY.into(), SECRET_KEY.into()));
+        config.max_attempts = 1;
+        config.multipart_threshold = threshold;
+        config.part_size = part;
+        config.parts_in_flight = in_flight;
+        let store = S3Store::connect(config).await.unwrap();
+        store.create_bucket().await.unwrap();
+        let started = std::time::Instant::now();
+        store
+            .put_file("db/data", &path, s4db::remote::PutCondition::IfAbsent)
+            .await
+            .unwrap();
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "{name:>22}: {mib} MiB in {secs:6.2} s = {:7.1} MiB/s (rtt {rtt} ms{})",
+            mib as f64 / secs,
+            if extra.is_empty() {
+                String::new()
+            } else {
+                format!(", {extra}")
+            }
+        );
+        store.delete("db/data").await.unwrap();
+    }
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+}
