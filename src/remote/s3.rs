@@ -1034,6 +1034,8 @@ impl ObjectStore for S3Store {
         })
     }
 
+    /// Every page of ListMultipartUploads under `prefix`. (moto 5.2.5 reports
+    /// every upload as initiated in 2010, so there any grace period has passed.)
     async fn list_multipart_uploads(&self, prefix: &str) -> StoreResult<Vec<PendingUpload>> {
         let mut all = Vec::new();
         let (mut key_marker, mut id_marker) = (None, None);
