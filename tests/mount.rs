@@ -1544,3 +1544,302 @@ fn a_refresh_invalidates_what_other_writers_changed() {
     assert!(!a.path("gone").exists());
     a.unmount();
 }
+
+// ======================================================= 12. a mount that runs for months
+
+/// Options of a mount that compacts and collects garbage at once (test speed).
+const MAINTAIN_FAST: &[&str] = &["--compact", "0.2", "--gc", "0.3", "--gc-grace", "0"];
+
+/// Every S3 request the mount made so far.
+fn requests(stats: &Json) -> u64 {
+    let r = &stats["s3_requests"];
+    ["get", "get_range", "put", "delete", "list", "head"]
+        .iter()
+        .map(|f| r[f].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// Polls `cond` every 200 ms for up to `secs` seconds.
+#[track_caller]
+fn wait_until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}: not after {secs} s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn fifteen_hundred_small_uploads_leave_few_objects_and_a_fresh_mount_lists_them_in_few_requests() {
+    let db = Db::new();
+    let m = Mount::on(&db)
+        .args(&["--upload-delay", "never"])
+        .args(MAINTAIN_FAST)
+        .start();
+    m.sh("mkdir d0 d1 d2 d3 d4 d5 d6 d7 d8 d9").ok();
+    let t0 = Instant::now();
+    for batch in 0..10 {
+        let (from, to) = (batch * 150 + 1, batch * 150 + 150);
+        m.sh(&format!(
+            "i={from}; while [ $i -le {to} ]; do echo \"value $i\" > d$((i % 10))/f$i; \
+             echo > .s4db/upload; i=$((i + 1)); done"
+        ))
+        .ok();
+    }
+    eprintln!("1,500 uploads in {:.1} s", t0.elapsed().as_secs_f64());
+    // Compaction and gc catch up (gc's grace is 0 here).
+    wait_until(60, "objects bounded", || {
+        db.objects().len() <= 200
+            && m.stats()["maintenance"]["objects_deleted"].as_u64() > Some(2000)
+    });
+    let stats = m.stats();
+    let maint = &stats["maintenance"];
+    assert!(maint["compactions"].as_u64() > Some(0), "{stats}");
+    assert!(maint["objects_deleted"].as_u64() > Some(2000), "{stats}");
+    m.unmount();
+    let objects = db.objects();
+    assert!(
+        objects.len() <= 200,
+        "{} objects: {objects:?}",
+        objects.len()
+    );
+
+    // A fresh mount (fresh local dir, no maintenance of its own) lists everything.
+    let fresh = Mount::on(&db)
+        .args(&["--compact", "never", "--gc", "never"])
+        .start();
+    let listing = fresh.sh("ls -lR | grep -c ' f[0-9]*$'").ok().text();
+    assert_eq!(listing.trim(), "1500");
+    std::thread::sleep(Duration::from_millis(500));
+    let stats = fresh.stats();
+    eprintln!(
+        "{} objects; a fresh ls -lR: {} S3 requests ({})",
+        objects.len(),
+        requests(&stats),
+        stats["s3_requests"]
+    );
+    assert!(
+        requests(&stats) <= 20,
+        "{} S3 requests for a fresh ls -lR of 1,500 files in {} objects: {stats}",
+        requests(&stats),
+        objects.len()
+    );
+    assert_eq!(fresh.read("d7/f1337"), b"value 1337\n");
+    assert_eq!(fresh.read("d0/f1500"), b"value 1500\n");
+    fresh.unmount();
+}
+
+#[test]
+fn compaction_runs_while_another_mount_and_python_read_and_write_and_nothing_is_lost() {
+    let db = Db::new();
+    let a = Mount::on(&db)
+        .args(&["--upload-delay", "0.1", "--refresh-interval", "0.5"])
+        .args(&["--compact", "0.2", "--gc", "0.3", "--gc-grace", "3"])
+        .start();
+    let b = Mount::on(&db)
+        .args(&["--upload-delay", "0.1", "--refresh-interval", "0.5"])
+        .args(&["--compact", "0.3", "--gc", "never"])
+        .start();
+    let mut want = Tree::new();
+    for round in 0..8 {
+        for i in 0..15 {
+            let (ka, kb) = (format!("a/{round}-{i}"), format!("b/{round}-{i}"));
+            fs::create_dir_all(a.path("a")).unwrap();
+            fs::create_dir_all(b.path("b")).unwrap();
+            fs::write(a.path(&ka), format!("from a {round} {i}")).unwrap();
+            fs::write(b.path(&kb), format!("from b {round} {i}")).unwrap();
+            want.insert(ka, format!("from a {round} {i}").into_bytes());
+            want.insert(kb, format!("from b {round} {i}").into_bytes());
+        }
+        // Overwrites of keys an earlier round wrote (dead entries to compact).
+        if round > 0 {
+            let k = format!("a/{}-0", round - 1);
+            fs::write(a.path(&k), format!("rewritten {round}")).unwrap();
+            want.insert(k, format!("rewritten {round}").into_bytes());
+        }
+        let py = tree(&[(&format!("py/{round}") as &str, b"from python")]);
+        db.py_put(&py);
+        want.extend(py);
+        // Both mounts read everything they can see, while the other compacts.
+        for m in [&a, &b] {
+            m.sh("find . -path ./.s4db -prune -o -type f -print | xargs -r cat > /dev/null")
+                .ok();
+        }
+    }
+    a.upload();
+    b.upload();
+    db.wait_python_sees(&want);
+    wait_until(30, "both mounts see everything", || {
+        a.tree() == want && b.tree() == want
+    });
+    let sa = a.stats();
+    assert!(sa["maintenance"]["compactions"].as_u64() > Some(0), "{sa}");
+    assert_eq!(sa["maintenance"]["last_error"], Json::Null, "{sa}");
+    assert_eq!(b.stats()["maintenance"]["last_error"], Json::Null);
+    a.unmount();
+    b.unmount();
+    db.assert_python_sees(&want);
+    let fresh = Mount::on(&db).start();
+    assert_eq!(fresh.tree(), want);
+    fresh.unmount();
+}
+
+fn local_data_files(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("data_") && n.ends_with(".s4db"))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn the_cache_cap_evicts_published_files_only() {
+    let db = Db::new();
+    let local = tempdir("local");
+    let m = Mount::on(&db)
+        .local_dir(local.path())
+        .args(&["--upload-delay", "never", "--max-cache-size", "0"])
+        .args(&["--compact", "never", "--gc", "0.2", "--gc-grace", "3600"])
+        .start();
+    for i in 0..3 {
+        fs::write(m.path(&format!("published{i}")), format!("p{i}")).unwrap();
+        m.upload();
+    }
+    fs::write(m.path("unsynced1"), "u1").unwrap();
+    fs::write(m.path("unsynced2"), "u2").unwrap();
+    // Only the file holding the unsynced writes stays.
+    wait_until(10, "published files evicted", || {
+        local_data_files(&m.local_dir).len() == 1
+    });
+    let stats = m.stats();
+    assert!(
+        stats["maintenance"]["evicted_files"].as_u64() >= Some(3),
+        "{stats}"
+    );
+    assert_eq!(stats["unsynced_writes"], 2, "{stats}");
+    for i in 0..3 {
+        assert_eq!(m.read(&format!("published{i}")), format!("p{i}").as_bytes());
+    }
+    // A crash now: the unsynced writes are still there for the next mount.
+    m.kill9();
+    let m = Mount::on(&db).local_dir(local.path()).start();
+    m.upload();
+    m.unmount();
+    db.assert_python_sees(&tree(&[
+        ("published0", b"p0"),
+        ("published1", b"p1"),
+        ("published2", b"p2"),
+        ("unsynced1", b"u1"),
+        ("unsynced2", b"u2"),
+    ]));
+}
+
+#[test]
+fn kill_9_during_background_compaction_loses_nothing_and_leaves_nothing_dangling() {
+    let db = Db::new();
+    let local = tempdir("local");
+    let m = Mount::on(&db)
+        .local_dir(local.path())
+        .args(&["--upload-delay", "never"])
+        .args(&["--compact", "0.05", "--gc", "never"])
+        .start();
+    let logdir = tempdir("log");
+    let log = logdir.path().join("written.log");
+    // Uploads of one file each, with compaction rounds in between; the log
+    // (outside the mount) lists the writes that returned.
+    let script = format!(
+        "i=1; while [ $i -le 400 ]; do echo v$i > f$i && echo $i >> {log}; \
+         echo > .s4db/upload || true; i=$((i + 1)); done",
+        log = q(&log)
+    );
+    let mut writer = Command::new("sh")
+        .args(["-c", &script])
+        .current_dir(&m.mnt)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(60, "compaction has run", || {
+        m.stats()["maintenance"]["compactions"].as_u64() >= Some(3)
+    });
+    std::thread::sleep(Duration::from_millis(150));
+    m.kill9();
+    let _ = writer.wait();
+    let written: Vec<String> = fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert!(written.len() > 10, "{written:?}");
+
+    // The next mount publishes what was acknowledged; gc then leaves only
+    // what the index references (and one hint object per data file).
+    let m = Mount::on(&db)
+        .local_dir(local.path())
+        .args(MAINTAIN_FAST)
+        .start();
+    m.upload();
+    for i in &written {
+        assert_eq!(
+            m.read(&format!("f{i}")),
+            format!("v{i}\n").as_bytes(),
+            "f{i}"
+        );
+    }
+    wait_until(30, "nothing dangling", || {
+        let stats = m.stats();
+        let objects = db.objects();
+        let data = objects.iter().filter(|n| n.starts_with("data_")).count();
+        let hints = objects.iter().filter(|n| n.starts_with("hints/")).count();
+        data as u64 == stats["files"].as_u64().unwrap() && hints <= data
+    });
+    m.unmount();
+    let seen = db.py_values();
+    for i in &written {
+        assert_eq!(
+            seen.get(&format!("f{i}")),
+            Some(&py_value(format!("v{i}\n").as_bytes())),
+            "f{i}"
+        );
+    }
+}
+
+#[test]
+fn the_local_directory_is_private_to_its_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let user = other_user();
+    let db = Db::new();
+    // A local directory the daemon creates: 0700, its files 0600.
+    let launch = Mount::on(&db).args(&["--upload-delay", "never"]);
+    let fresh_dir = launch.root.path().join("new/local");
+    let m = launch.local_dir(&fresh_dir).start();
+    fs::write(m.path("secret"), "top secret").unwrap();
+    m.upload();
+    fs::write(m.path("unsynced"), "not yet").unwrap();
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&fresh_dir), 0o700);
+    for e in fs::read_dir(&fresh_dir).unwrap() {
+        let p = e.unwrap().path();
+        let want = if p.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(mode(&p), want, "{p:?}");
+    }
+    let ls = format!("runuser -u {user} -- ls {}", q(&fresh_dir));
+    sh_in(Path::new("/"), &ls).fails_with(&["Permission denied"]);
+    m.unmount();
+
+    // A given directory open to others: a warning, and the files are still 0600.
+    let launch = Mount::on(&db);
+    fs::set_permissions(&launch.local_dir, fs::Permissions::from_mode(0o755)).unwrap();
+    let m = launch.start();
+    fs::write(m.path("x"), "y").unwrap();
+    assert!(m.output().contains("open to other users"), "{}", m.output());
+    let data = local_data_files(&m.local_dir);
+    assert!(!data.is_empty());
+    let cat = format!(
+        "runuser -u {user} -- cat {}",
+        q(&m.local_dir.join(&data[0]))
+    );
+    sh_in(Path::new("/"), &cat).fails_with(&["Permission denied"]);
+    m.unmount();
+}

@@ -523,10 +523,40 @@ impl S4db {
     /// file names.
     pub async fn gc(&self, grace: Duration) -> Result<Vec<String>> {
         let _serial = self.inner.maintenance.lock().await;
-        self.gc_locked(grace).await
+        self.gc_locked(grace, usize::MAX).await
     }
 
-    pub(crate) async fn gc_locked(&self, grace: Duration) -> Result<Vec<String>> {
+    /// [`S4db::gc`] bounded to deleting at most `max_objects` data files
+    /// (and their hint objects) per call, so an upload waits for it at most
+    /// that long; the next call goes on. Deletions run concurrently.
+    pub async fn gc_round(&self, grace: Duration, max_objects: usize) -> Result<Vec<String>> {
+        let _serial = self.inner.maintenance.lock().await;
+        self.gc_locked(grace, max_objects).await
+    }
+
+    /// Deletes `keys` with up to `concurrency` requests in flight; returns
+    /// how many went (an object already gone counts).
+    async fn delete_all(&self, keys: Vec<String>) -> Result<u64> {
+        let n = keys.len() as u64;
+        let deletes = futures::stream::iter(keys.into_iter().map(|key| async move {
+            match self.inner.store.delete(&key).await {
+                Ok(()) | Err(StoreError::NotFound { .. }) => Ok(()),
+                Err(e) => Err(Error::from(e)),
+            }
+        }))
+        .buffer_unordered(self.inner.opts.concurrency.clamp(1, 16));
+        futures::pin_mut!(deletes);
+        while let Some(done) = deletes.next().await {
+            done?;
+        }
+        Ok(n)
+    }
+
+    pub(crate) async fn gc_locked(
+        &self,
+        grace: Duration,
+        max_objects: usize,
+    ) -> Result<Vec<String>> {
         let (referenced, own) = {
             let state = self.state();
             if state.has_unsynced() {
@@ -544,6 +574,7 @@ impl S4db {
         let mut deleted_ids = HashSet::new();
         let mut kept = HashSet::new();
         let mut objects = 0u64;
+        let mut doomed = Vec::new();
         for (id, meta) in self.list_data_objects().await? {
             let age = now.duration_since(meta.last_modified).unwrap_or_default();
             let name = data_file_name(id);
@@ -551,17 +582,23 @@ impl S4db {
                 && retired
                     .get(&name)
                     .is_none_or(|t| now_unix.saturating_sub(*t) >= grace.as_secs());
-            if referenced.contains(&id) || own.contains(&id) || !old_enough {
+            if referenced.contains(&id)
+                || own.contains(&id)
+                || !old_enough
+                || doomed.len() >= max_objects
+            {
                 kept.insert(id);
                 continue;
             }
-            self.inner.store.delete(&meta.key).await?;
-            if let Some(local) = self.state().local.clone() {
-                local.remove(id)?;
-            }
+            doomed.push(meta.key);
             deleted.push(name);
             deleted_ids.insert(id);
-            objects += 1;
+        }
+        objects += self.delete_all(doomed).await?;
+        if let Some(local) = self.state().local.clone() {
+            for id in &deleted_ids {
+                local.remove(*id)?;
+            }
         }
         if !retired.is_empty() {
             let kept_names: HashSet<String> = kept.iter().map(|id| data_file_name(*id)).collect();
@@ -569,10 +606,8 @@ impl S4db {
                 .await?;
         }
         // Hints of data files that are gone (deleted here, or by the Python package).
-        for key in self.orphan_hints(&kept, &deleted_ids, grace).await? {
-            self.inner.store.delete(&key).await?;
-            objects += 1;
-        }
+        let hints = self.orphan_hints(&kept, &deleted_ids, grace).await?;
+        objects += self.delete_all(hints).await?;
         // Parts of multipart uploads a failed or killed upload of a large data
         // file left behind (the uploader aborts them itself when it can).
         match crate::remote::abort_stale_uploads(self.inner.store.as_ref(), self.prefix(), grace)

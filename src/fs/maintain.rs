@@ -33,6 +33,8 @@ pub struct MaintainConfig {
 const ROUNDS_PER_TURN: usize = 8;
 /// How often the cache cap and memory are checked, at most.
 const TICK: Duration = Duration::from_secs(5);
+/// Data files one gc run deletes at most (and their hints), concurrently.
+const GC_MAX_OBJECTS: usize = 500;
 /// How often per-file memory is pruned (one pass over the index).
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
@@ -103,7 +105,7 @@ impl S4Fs {
             }
             if writes && next_gc.is_some_and(|t| now >= t) && !self.db.has_unsynced_writes() {
                 next_gc = cfg.gc_interval.map(|d| now + d);
-                if let Err(e) = self.db.gc(cfg.gc_grace).await {
+                if let Err(e) = self.db.gc_round(cfg.gc_grace, GC_MAX_OBJECTS).await {
                     if !matches!(e, crate::Error::Unsynced(_)) {
                         self.maint_error("background gc", &e);
                     }
