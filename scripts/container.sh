@@ -135,11 +135,15 @@ image() {
   mkdir -p "$WORK/bin"
   cp -l "$bin_dir/s4db" "$bin_dir/s4db-mount" "$WORK/bin/" 2>/dev/null ||
     cp "$bin_dir/s4db" "$bin_dir/s4db-mount" "$WORK/bin/"
-  podman build --network=none -q -t "$tag" -f "$ROOT/Containerfile" \
-    --build-arg PREBUILT=target/container/bin "$ROOT" >/dev/null
-  # The builder stage and earlier builds of this tag leave unnamed images behind.
-  podman image prune -f >/dev/null
+  local id
+  id=$(podman build --network=none -q -t "$tag" -f "$ROOT/Containerfile" \
+    --build-arg PREBUILT=target/container/bin "$ROOT")
+  # The builder stage and earlier builds of this tag leave unnamed images behind; those of
+  # the last hour stay, as a concurrent test run may still be using one.
+  podman image prune -f --filter until=1h >/dev/null
   echo "container.sh: $tag built from $bin_dir" >&2
+  # The image's id, for callers that must not see a later build retag $tag.
+  echo "# image $tag is ${id##*$'\n'}"
 }
 
 cmd=${1:-}

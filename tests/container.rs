@@ -48,11 +48,17 @@ fn require_tools() {
     }
 }
 
-/// The containers.conf `scripts/container.sh` writes (runc, explicit ulimits), after it
-/// has built [`IMAGE`] from the binaries under test, once per test binary.
-fn containers_conf() -> &'static Path {
-    static CONF: OnceLock<PathBuf> = OnceLock::new();
-    CONF.get_or_init(|| {
+/// What `scripts/container.sh image` made, once per test binary: its containers.conf
+/// (runc, explicit ulimits) and the id of [`IMAGE`] built from the binaries under test (the
+/// id, not the tag: a concurrent test run may retag it).
+struct Built {
+    conf: PathBuf,
+    image_id: String,
+}
+
+fn built() -> &'static Built {
+    static BUILT: OnceLock<Built> = OnceLock::new();
+    BUILT.get_or_init(|| {
         require_tools();
         let bin_dir = Path::new(env!("CARGO_BIN_EXE_s4db-mount"))
             .parent()
@@ -87,8 +93,24 @@ fn containers_conf() -> &'static Path {
             .lines()
             .find_map(|l| l.strip_prefix("export CONTAINERS_CONF="))
             .unwrap_or_else(|| panic!("no CONTAINERS_CONF from scripts/container.sh:\n{stdout}"));
-        PathBuf::from(conf)
+        let image_id = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("# image {IMAGE} is ")))
+            .unwrap_or_else(|| panic!("no image id from scripts/container.sh:\n{stdout}"));
+        Built {
+            conf: PathBuf::from(conf),
+            image_id: image_id.trim().to_string(),
+        }
     })
+}
+
+fn containers_conf() -> &'static Path {
+    &built().conf
+}
+
+/// The s4db image under test, by id.
+fn image() -> &'static str {
+    &built().image_id
 }
 
 /// `podman ARGS` with the test containers.conf; never hangs past [`PODMAN_TIMEOUT_SECS`].
@@ -250,7 +272,7 @@ fn daemon_args(
     for v in extra_volumes {
         args.extend(["-v".into(), v.clone()]);
     }
-    args.push(IMAGE.into());
+    args.push(image().into());
     args.extend(
         [
             "--endpoint-url",
@@ -299,7 +321,7 @@ fn stat_in_bucket(moto: &Moto, db: &Db, key: &str) -> serde_json::Value {
 #[test]
 fn image_runs_s4db_mount_and_has_s4db_and_fuse3() {
     containers_conf();
-    let version = podman(&["run", "--rm", "--network=none", IMAGE, "--version"]).ok();
+    let version = podman(&["run", "--rm", "--network=none", image(), "--version"]).ok();
     assert!(version.text().starts_with("s4db-mount "), "{version:?}");
     let tools = podman(&[
         "run",
@@ -307,7 +329,7 @@ fn image_runs_s4db_mount_and_has_s4db_and_fuse3() {
         "--network=none",
         "--entrypoint",
         "sh",
-        IMAGE,
+        image(),
         "-ec",
         "s4db --version; command -v fusermount3; test -s /etc/ssl/certs/ca-certificates.crt",
     ])
@@ -319,7 +341,7 @@ fn image_runs_s4db_mount_and_has_s4db_and_fuse3() {
         "inspect",
         "--format",
         "{{json .Config.Entrypoint}}",
-        IMAGE,
+        image(),
     ])
     .ok();
     assert_eq!(
