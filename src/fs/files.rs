@@ -755,12 +755,18 @@ impl S4Fs {
                 }
             }
         });
-        let mut values = self
-            .db
-            .get_at_many(loc.file_id, &wanted)
-            .await
-            .ok()?
-            .into_iter();
+        self.fetch_group(loc.file_id, &wanted).await
+    }
+
+    /// Reads `wanted` (entries of data file `file_id`, the one asked for
+    /// first) in as few range GETs as their gaps allow; the others go to the
+    /// small-value cache with their sizes. `None` when the read fails.
+    pub(super) async fn fetch_group(
+        &self,
+        file_id: u64,
+        wanted: &[(String, Location)],
+    ) -> Option<Value> {
+        let mut values = self.db.get_at_many(file_id, wanted).await.ok()?.into_iter();
         let own = values.next()?.ok()?;
         for ((_, l), v) in wanted.iter().skip(1).zip(values) {
             if let Ok(v) = v {

@@ -7,8 +7,10 @@
 //! every `compact_interval` it runs compaction rounds (each bounded by its
 //! read budget, holding the engine's maintenance lock for one round: an
 //! upload waits at most that long) while they find work; every `gc_interval`
-//! it runs gc with `gc_grace`. Compaction and gc only start when nothing is
-//! unsynced: the debounced upload comes first, and the next turn tries again.
+//! it runs gc with `gc_grace` (at most `GC_MAX_OBJECTS` deletions a run).
+//! gc keeps what the committed index may name while writes are unsynced;
+//! compaction starts with writes unsynced only when uploads are automatic
+//! (its commit publishes them), else at the next quiet turn.
 
 use super::*;
 use crate::db::CompactOptions;
@@ -99,11 +101,12 @@ impl S4Fs {
                 }
             }
             let now = Instant::now();
-            if writes && next_compact.is_some_and(|t| now >= t) && !self.db.has_unsynced_writes() {
+            let quiet = cfg.compact.publish_unsynced || !self.db.has_unsynced_writes();
+            if writes && next_compact.is_some_and(|t| now >= t) && quiet {
                 next_compact = cfg.compact_interval.map(|d| now + d);
                 self.compact_turn(&cfg.compact).await;
             }
-            if writes && next_gc.is_some_and(|t| now >= t) && !self.db.has_unsynced_writes() {
+            if writes && next_gc.is_some_and(|t| now >= t) {
                 next_gc = cfg.gc_interval.map(|d| now + d);
                 if let Err(e) = self.db.gc_round(cfg.gc_grace, GC_MAX_OBJECTS).await {
                     if !matches!(e, crate::Error::Unsynced(_)) {

@@ -86,22 +86,6 @@ impl S4Fs {
         if wanted.len() == 1 {
             return None;
         }
-        let mut values = self
-            .db
-            .get_at_many(loc.file_id, &wanted)
-            .await
-            .ok()?
-            .into_iter();
-        let own = values.next()?.ok()?;
-        for ((_, l), v) in wanted.iter().skip(1).zip(values) {
-            if let Ok(v) = v {
-                if self.meta.get(*l).is_none() {
-                    let (len, mtime) = (v.len() as u64, SystemTime::now());
-                    self.meta.insert(*l, ValueMeta { len, mtime });
-                }
-                self.small_values.insert(*l, v);
-            }
-        }
-        Some(own)
+        self.fetch_group(loc.file_id, &wanted).await
     }
 }
