@@ -36,8 +36,8 @@ wait_mounted() { for _ in $(seq 100); do mountpoint -q "$1" && return 0; sleep 0
 # The writer: every write published at once by .s4db/upload (the worst case: one data
 # file and one hint object per upload), compaction every second, gc every 2 s with a 5 s
 # grace, an 8 MiB local cache cap.
-"$BIN/s4db-mount" "${COMMON[@]}" --local-dir "$WORK/w-local" --upload-delay never \
-  --compact 1 --gc 2 --gc-grace 5 --max-cache-size 8388608 bench/soak "$WORK/w" \
+"$BIN/s4db-mount" "${COMMON[@]}" --local-dir "$WORK/w-local" \
+  --compact 1 --gc 2 --gc-grace 5 --max-cache-size 8388608 --upload-delay 0.05 bench/soak "$WORK/w" \
   >"$WORK/w.log" 2>&1 &
 WPID=$!; PIDS+=("$WPID")
 # A second mount that reads what the writer publishes (refreshing every second).

@@ -9,15 +9,34 @@ matplotlib comes from .venv-test/bench, as for scripts/bench_chart.py (made on f
 
 import csv
 import os
+import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_chart  # noqa: E402  (its ensure_matplotlib re-runs us in the bench venv)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VENV = os.path.join(ROOT, ".venv-test", "bench")
+VENV_PY = os.path.join(VENV, "bin", "python")
+
+
+def ensure_matplotlib():
+    """Re-runs this script in the bench venv (made when missing) unless matplotlib is here."""
+    try:
+        import matplotlib  # noqa: F401
+        return
+    except ImportError:
+        pass
+    if os.path.realpath(sys.prefix) == os.path.realpath(VENV):
+        sys.exit(f"soak_chart.py: matplotlib is missing from {VENV}; delete it to rebuild")
+    if not os.path.exists(VENV_PY):
+        print(f"soak_chart.py: creating {VENV} (matplotlib)", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
+    subprocess.run([VENV_PY, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                    "matplotlib"], check=True)
+    os.execv(VENV_PY, [VENV_PY, os.path.abspath(__file__), *sys.argv[1:]])
 
 
 def main():
     src, out = sys.argv[1], sys.argv[2]
-    bench_chart.ensure_matplotlib()
+    ensure_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")

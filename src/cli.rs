@@ -361,6 +361,7 @@ pub async fn run(cli: Cli) -> Result<Outcome> {
                 min_files: min_files.max(2),
                 dead_ratio,
                 max_round_bytes: max_bytes,
+                publish_unsynced: false,
             };
             let mut total = crate::db::RoundReport::default();
             let mut rounds = 0u32;

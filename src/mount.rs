@@ -996,6 +996,8 @@ fn maintain_config(args: &MountArgs, local_dir: &Path) -> crate::fs::maintain::M
             min_files: args.compact_min_files.max(2),
             dead_ratio: args.compact_dead_ratio,
             max_round_bytes: args.compact_max_bytes,
+            // Writes are published soon anyway (unless uploads are manual).
+            publish_unsynced: args.upload_delay.0.is_some(),
         },
         gc_interval: args.gc.0,
         gc_grace: args.gc_grace,

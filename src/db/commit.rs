@@ -94,6 +94,10 @@ impl S4db {
                 state.attr_inflight.clear();
                 state.index_rewritten = false;
                 state.moves.clear();
+                // The commit landed: only keys written since keep a base.
+                let journal = std::mem::take(&mut state.journal);
+                state.journal_base.retain(|k, _| journal.contains_key(k));
+                state.journal = journal;
                 state.prune_attrs();
                 state.save_pending_list()?;
                 state.rewrite_attr_log()?;

@@ -49,6 +49,10 @@ pub struct CompactOptions {
     pub dead_ratio: f64,
     /// Most bytes of data files one round reads (local or from the store).
     pub max_round_bytes: u64,
+    /// Run even with writes unsynced, publishing them with the round's
+    /// commit (the mount, which publishes them soon anyway); otherwise a
+    /// round refuses with [`Error::Unsynced`].
+    pub publish_unsynced: bool,
 }
 
 impl Default for CompactOptions {
@@ -57,6 +61,7 @@ impl Default for CompactOptions {
             min_files: 4,
             dead_ratio: 0.5,
             max_round_bytes: 256 * 1024 * 1024,
+            publish_unsynced: false,
         }
     }
 }
@@ -277,7 +282,7 @@ impl S4db {
         // Live bytes per referenced file, and own files nothing references.
         let (live, own_dead) = {
             let state = self.state();
-            if state.has_unsynced() {
+            if state.index_rewritten || (state.has_unsynced() && !opts.publish_unsynced) {
                 return Err(Error::Unsynced(
                     "upload before compacting (a round starts when nothing is unsynced)".into(),
                 ));
@@ -286,10 +291,11 @@ impl S4db {
             for l in state.index.entries.values() {
                 *live.entry(l.file_id).or_default() += l.length as u64;
             }
+            let shadowed = state.shadowed_files();
             let own_dead: Vec<u64> = state
                 .files
                 .iter()
-                .filter(|(id, f)| f.published && !live.contains_key(id))
+                .filter(|(id, f)| f.published && !live.contains_key(id) && !shadowed.contains(id))
                 .map(|(id, _)| *id)
                 .collect();
             (live, own_dead)
@@ -322,7 +328,7 @@ impl S4db {
         let names: Vec<String> = retire.iter().map(|id| data_file_name(*id)).collect();
         self.retire(&names).await?;
         report.files_retired = retire.len();
-        if !report.moves.is_empty() {
+        if !report.moves.is_empty() || self.state().has_unsynced() {
             self.upload_locked().await?;
         }
         // Committed: the replaced files are dead here (their objects stay

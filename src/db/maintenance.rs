@@ -139,6 +139,7 @@ impl S4db {
             }
             state.active = None;
             state.journal.clear();
+            state.journal_base.clear();
             state.moves.clear();
             state.index_rewritten = false;
             state.index = index;
@@ -559,11 +560,15 @@ impl S4db {
     ) -> Result<Vec<String>> {
         let (referenced, own) = {
             let state = self.state();
-            if state.has_unsynced() {
-                return Err(Error::Unsynced("upload before running gc".into()));
+            if state.index_rewritten {
+                return Err(Error::Unsynced(
+                    "upload the rebuilt index before running gc".into(),
+                ));
             }
-            let referenced: HashSet<u64> =
+            // With writes unsynced, what the committed index names stays too.
+            let mut referenced: HashSet<u64> =
                 state.index.entries.values().map(|l| l.file_id).collect();
+            referenced.extend(state.shadowed_files());
             let own: HashSet<u64> = state.files.keys().copied().collect();
             (referenced, own)
         };
@@ -732,6 +737,7 @@ fn install_rebuilt(state: &mut State, index: Index, unpublished: &[u64]) {
     let entries = &state.index.entries;
     state.attrs.reselect(|k| entries.get(k).copied());
     state.journal.clear();
+    state.journal_base.clear();
     state.moves.clear();
     state.inflight.clear();
     state.active = None;

@@ -1047,6 +1047,7 @@ impl S4db {
         }
         // Start over from the store and replay what earlier processes left.
         state.journal.clear();
+        state.journal_base.clear();
         state.moves.clear();
         state.inflight.clear();
         state.attr_journal.clear();

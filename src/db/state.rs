@@ -78,6 +78,10 @@ pub(crate) struct State {
     /// The committed attribute object still holds records that were dropped
     /// here (of files a compaction replaced): gc commits the smaller one.
     pub attrs_object_stale: bool,
+    /// Per key written since the last commit, where the key was before its
+    /// first write: the committed index may still name that entry, so gc
+    /// keeps its file while the write is unsynced.
+    pub journal_base: HashMap<String, Change>,
 }
 
 impl State {
@@ -103,6 +107,7 @@ impl State {
             attr_log_buf: Vec::new(),
             moves: HashMap::new(),
             attrs_object_stale: false,
+            journal_base: HashMap::new(),
         }
     }
 
@@ -115,6 +120,9 @@ impl State {
             }
         }
         let old = self.index.entries.get(key.as_str()).copied();
+        if !self.journal_base.contains_key(&key) {
+            self.journal_base.insert(key.clone(), old);
+        }
         apply(&mut self.index.entries, &key, change);
         // The key's attributes follow it to its new entry (our own writers
         // keep them, with the content times of the write); a delete drops them.
@@ -320,6 +328,20 @@ impl State {
         if let Some(b) = &self.before_upload {
             set.extend(b.values().flatten().map(|l| l.file_id));
         }
+        set
+    }
+
+    /// Data files the committed index may reference although the visible
+    /// one does not: where unsynced writes' keys were before them, and where
+    /// uncommitted compaction moves took keys from.
+    pub fn shadowed_files(&self) -> std::collections::HashSet<u64> {
+        let mut set: std::collections::HashSet<u64> = self
+            .journal_base
+            .values()
+            .flatten()
+            .map(|l| l.file_id)
+            .collect();
+        set.extend(self.moves.values().map(|(old, _)| old.file_id));
         set
     }
 
