@@ -9,8 +9,10 @@ use super::*;
 
 /// Bytes of entries one scan read-ahead fetches (one range GET).
 pub const WINDOW: u64 = 1024 * 1024;
-/// Data files whose offset → key maps are kept (the ones being scanned).
+/// Segments of data files whose offset → key maps are kept (being scanned).
 const MAPS: usize = 4;
+/// Bytes of a data file one offset → key map covers.
+const SEGMENT: u64 = 8 * 1024 * 1024;
 
 /// Entries of one data file by offset: (offset, length, key).
 pub(super) type FileMap = Arc<Vec<(u64, u32, Key)>>;
@@ -19,7 +21,8 @@ pub(super) type FileMap = Arc<Vec<(u64, u32, Key)>>;
 pub(super) struct ScanState {
     /// The last cold read: data file and the entry's end.
     last: Option<(u64, u64)>,
-    maps: VecDeque<(u64, FileMap)>,
+    /// By (data file, segment).
+    maps: VecDeque<((u64, u64), FileMap)>,
 }
 
 impl S4Fs {
@@ -34,22 +37,29 @@ impl S4Fs {
         scan
     }
 
-    /// The live entries of data file `file_id` in offset order (built from
-    /// the index once per scanned file and kept for a few files).
-    fn file_map(&self, file_id: u64) -> FileMap {
-        if let Some((_, m)) = lock(&self.scan).maps.iter().find(|(f, _)| *f == file_id) {
+    /// The live entries of data file `file_id` from the [`SEGMENT`] that
+    /// holds `offset` (and one window past it), in offset order: built from
+    /// the index once per scanned segment and kept for a few, so memory stays
+    /// bounded however large the data file.
+    fn file_map(&self, file_id: u64, offset: u64) -> FileMap {
+        let segment = (file_id, offset / SEGMENT);
+        if let Some((_, m)) = lock(&self.scan).maps.iter().find(|(s, _)| *s == segment) {
             return m.clone();
         }
+        let from = segment.1 * SEGMENT;
+        let to = from + SEGMENT + WINDOW;
         let mut v: Vec<(u64, u32, Key)> = self.db.read_index(|idx| {
             idx.iter()
-                .filter(|(k, l)| l.file_id == file_id && key_is_path(k))
+                .filter(|(k, l)| {
+                    l.file_id == file_id && (from..to).contains(&l.offset) && key_is_path(k)
+                })
                 .map(|(k, l)| (l.offset, l.length, k.clone()))
                 .collect()
         });
         v.sort_unstable_by_key(|e| e.0);
         let m: FileMap = Arc::new(v);
         let mut s = lock(&self.scan);
-        s.maps.push_back((file_id, m.clone()));
+        s.maps.push_back((segment, m.clone()));
         if s.maps.len() > MAPS {
             s.maps.pop_front();
         }
@@ -61,7 +71,7 @@ impl S4Fs {
     /// small-value cache. `None` when that read fails: the caller reads the
     /// value alone and reports its error.
     pub(super) async fn fetch_scan_window(&self, key: &str, loc: Location) -> Option<Value> {
-        let map = self.file_map(loc.file_id);
+        let map = self.file_map(loc.file_id, loc.offset);
         let start = map.partition_point(|e| e.0 < loc.offset);
         let mut wanted = vec![(key.to_string(), loc)];
         let mut end = loc.offset + loc.length as u64;
