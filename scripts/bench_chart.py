@@ -32,6 +32,11 @@ SHORT = {
     "fio_w": "fio write\n{big} MiB",
     "fio_r": "fio read\n{big} MiB",
     "read_warm": "warm read\n{big} MiB",
+    "huge_w": "write {huge} MiB\n+ publish",
+    "huge_r": "cold read\n{huge} MiB",
+    "grep": "cold grep -r\n{ng} files",
+    "tar": "cold tar c\n{ng} files",
+    "walk": "walk+stat\n{nw} keys",
 }
 COLORS = {"s4db": "#2a7ab9", "s3fs": "#d9822b", "rclone": "#5b9e47", "local": "#9a9a9a"}
 
@@ -65,9 +70,10 @@ def main():
     tools, names, res = doc["tools"], doc["tool_names"], doc["results"]
     wids = [w for w in doc["workloads"] if w in SHORT]
     fmt = {"n": doc["n"], "k": doc["k"], "ka": doc.get("ka", doc["k"]),
-           "nc": doc.get("n_create", doc["n"]), "big": doc["big_mib"]}
+           "nc": doc.get("n_create", doc["n"]), "big": doc["big_mib"],
+           "huge": doc.get("huge_mib"), "ng": doc.get("n_scan"), "nw": doc.get("n_walk")}
 
-    fig, ax = plt.subplots(figsize=(14, 6.5))
+    fig, ax = plt.subplots(figsize=(18, 6.5))
     width = 0.8 / len(tools)
     values = []
     for i, tool in enumerate(tools):

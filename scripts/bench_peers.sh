@@ -4,21 +4,39 @@
 # network latency (scripts/latency_proxy.py) so that each tool's request pattern costs what
 # it would against real S3, and that counts every request each tool sends.
 #
-#   scripts/bench_peers.sh [--n N] [--n-rename K] [--n-create N] [--runs R] [--rtt-ms MS[,MS...]] [--cap S] [--quick]
+#   scripts/bench_peers.sh [--n N] [--n-rename K] [--n-create N] [--n-scan G] [--n-walk W]
+#                          [--huge-mib M] [--runs R] [--rtt-ms MS[,MS...]] [--mb-per-s B]
+#                          [--cap S] [--quick]
 #
 #   --n N        small files in the create/ls/read/rm workloads (default 500)
 #   --n-rename K files renamed one by one (default 1000)
 #   --n-create N files of the large create workload, run in the last RTT pass only, where
 #                the peers are capped at CREATE_CAP_RATIO × s4db's time (default 10000)
+#   --n-scan G   small files (4 KiB of text, 100 per directory) of the cold `grep -r` and
+#                `tar c` workloads, last RTT pass only (default 10000)
+#   --n-walk W   keys (in 100 directories) of the os.walk + os.stat workload, s4db and the
+#                local disk only, last RTT pass only (default 100000)
+#   --huge-mib M size of the large sequential write + publish and cold read, last RTT pass
+#                only (default 1024)
 #   --runs R     runs per tool; times are medians (default 3)
 #   --rtt-ms L   added round-trip time, comma-separated for several passes (default 20);
 #                0 = straight to moto, no proxy, so no request counts (s4db's own stats stay)
+#   --mb-per-s B the proxy's bandwidth cap per connection and direction, MB/s (default 80,
+#                about one connection to S3; 0 = none; see scripts/latency_proxy.py)
 #   --cap S      a peer's workload still running after max(S, 1.5 × s4db's time for it)
 #                seconds is stopped and shown as "> X s" (default 6)
-#   --quick      smoke test: N=20, one run, 4 MiB fio file
+#   --quick      smoke test: N=20, one run, 4 MiB fio file, 16 MiB large file, 200 files
+#                scanned, 2000 keys walked
 #
 # A fourth column, "local disk", runs the workloads that mean something on a local ext4
 # directory (creating, listing, warm reads, fio) as the reference for what a mount costs.
+#
+# Every workload also reports each daemon's peak memory: VmHWM of its process (reset through
+# /proc/PID/clear_refs before the workload) and the largest RssAnon sampled every 50 ms.
+#
+# moto_server runs through scripts/bench_moto.py, which serves a range GET by reading only
+# its range (moto itself copies the whole object for each one: 0.45 s per range of a 1 GiB
+# object, which real S3 does not charge).
 #
 # Output (in $S4DB_BENCH_OUT, default target/bench): per RTT, a markdown table on stdout and in peers-<rtt>ms.md, all raw
 # numbers in target/bench/peers-<rtt>ms.json (scripts/bench_chart.py draws them), and the
@@ -56,6 +74,10 @@ ROOT=$(pwd)
 N=500
 K=1000
 NC=10000
+NG=10000
+NW=100000
+HUGE_MIB=1024
+MBPS=80
 RUNS=3
 RTTS=20
 CAP_S=6
@@ -67,6 +89,10 @@ while [[ $# -gt 0 ]]; do
   --n) N=$2; shift 2 ;;
   --n-create) NC=$2; shift 2 ;;
   --n-rename) K=$2; shift 2 ;;
+  --n-scan) NG=$2; shift 2 ;;
+  --n-walk) NW=$2; shift 2 ;;
+  --huge-mib) HUGE_MIB=$2; shift 2 ;;
+  --mb-per-s) MBPS=$2; shift 2 ;;
   --runs) RUNS=$2; shift 2 ;;
   --rtt-ms) RTTS=$2; shift 2 ;;
   --cap) CAP_S=$2; shift 2 ;;
@@ -77,8 +103,15 @@ while [[ $# -gt 0 ]]; do
 done
 BIG_MIB=64
 if [[ $QUICK -eq 1 ]]; then
-  N=20 K=20 NC=50 RUNS=1 BIG_MIB=4
+  N=20 K=20 NC=50 RUNS=1 BIG_MIB=4 NG=200 NW=2000 HUGE_MIB=16
 fi
+SCAN_KIB=4          # size of each scanned file
+SCAN_PER_DIR=100    # scanned files per directory
+WALK_DIRS=100       # directories of the walked keys
+SCAN_CAP_RATIO=11   # the scans' cap: a lower bound on the 10× the target asks for
+HUGE_CAP_RATIO=3    # the large write and read: max(HUGE_CAP_FLOOR, 3 × s4db)
+HUGE_CAP_FLOOR=30
+[[ $QUICK -eq 1 ]] && HUGE_CAP_FLOOR=$CAP_S
 REPEAT_UNDER_S=2
 KA=$((N < 100 ? N : 100))        # files appended to
 CREATE_CAP_RATIO=21 # the large create's cap: a lower bound on the ratio the target asks for
@@ -174,12 +207,12 @@ def sigv4(method, url):
     del headers["host"]
     return headers
 
-def http(method, url, data=None):
+def http(method, url, data=None, headers=None):
     # urllib's default form Content-Type makes moto try to parse the body, and hang.
     req = urllib.request.Request(url, data=data, method=method,
                                  headers={"Content-Type": "application/octet-stream",
-                                          **sigv4(method, url)})
-    with urllib.request.urlopen(req, timeout=60) as r:
+                                          **sigv4(method, url), **(headers or {})})
+    with urllib.request.urlopen(req, timeout=600) as r:
         return r.read()
 
 def listing(ep, bucket, prefix=""):
@@ -235,7 +268,8 @@ def s4db_objects(a):
     objects = dict.fromkeys(out.stdout.decode().splitlines())
     for spec in a.specs:
         neg, keys, size, _ = expand(spec)
-        if not neg and size is not None and keys[0] in objects:
+        # Past 64 MiB only its presence: the cold read that follows checks the size.
+        if not neg and size is not None and size <= 64 << 20 and keys[0] in objects:
             v = subprocess.run([a.s4db, "get", a.bucket, keys[0], *base], capture_output=True)
             objects[keys[0]] = len(v.stdout)
     return objects
@@ -300,6 +334,61 @@ def cmd_seed(a):
     if todo:
         print(f"seeded {len(todo)} objects into {a.bucket}", file=sys.stderr)
 
+def cmd_seed_dir(a):
+    """PUTs every file under DIR as PREFIX/<its path below DIR>, unless there already."""
+    have = listing(a.endpoint, a.bucket, a.prefix + "/")
+    todo = []
+    for d, _, files in os.walk(a.dir):
+        for f in files:
+            path = os.path.join(d, f)
+            key = a.prefix + "/" + os.path.relpath(path, a.dir)
+            if have.get(key) != os.path.getsize(path):
+                todo.append((key, path))
+    put = lambda kp: http("PUT", f"{a.endpoint}/{a.bucket}/{kp[0]}", open(kp[1], "rb").read())
+    with ThreadPoolExecutor(8) as ex:
+        list(ex.map(put, todo))
+    print(f"seeded {len(todo)} objects into {a.bucket}/{a.prefix}/", file=sys.stderr)
+
+def cmd_seed_file(a):
+    """One PUT of a (large) local file, streamed."""
+    size = os.path.getsize(a.path)
+    with open(a.path, "rb") as f:
+        http("PUT", f"{a.endpoint}/{a.bucket}/{a.key}", f, {"Content-Length": str(size)})
+    print(f"seeded {a.key} ({size} bytes) into {a.bucket}", file=sys.stderr)
+
+def cmd_get_speed(a):
+    """One GET, on one connection, of the largest object in the bucket, through ENDPOINT
+    (the proxy): the throughput a single connection gets, as JSON."""
+    key, size = max(listing(a.endpoint, a.bucket).items(), key=lambda kv: kv[1])
+    url = f"{a.endpoint}/{a.bucket}/{urllib.parse.quote(key)}"
+    req = urllib.request.Request(url, headers=sigv4("GET", url))
+    t0, got = time.time(), 0
+    with urllib.request.urlopen(req, timeout=600) as r:
+        while True:
+            chunk = r.read(1 << 20)
+            if not chunk:
+                break
+            got += len(chunk)
+    secs = time.time() - t0
+    print(json.dumps({"key": key, "bytes": got, "seconds": round(secs, 3),
+                      "mib_per_s": round(got / secs / (1 << 20), 1)}))
+
+def cmd_sample_rss(a):
+    """Samples /proc/PID/status every 50 ms; writes the largest RssAnon (kB) to OUT each
+    time it grows, until PID is gone or this is stopped."""
+    peak = -1
+    while True:
+        try:
+            with open(f"/proc/{a.pid}/status") as f:
+                anon = next(int(l.split()[1]) for l in f if l.startswith("RssAnon:"))
+        except (OSError, StopIteration, ValueError):
+            return
+        if anon > peak:
+            peak = anon
+            with open(a.out, "w") as f:
+                f.write(str(peak))
+        time.sleep(0.05)
+
 def cmd_stats(a):
     try:
         with open(f"{a.mnt}/.s4db/stats") as f:
@@ -331,8 +420,12 @@ def cmd_report(a):
     rows = [l.split("\t") for l in open(a.raw).read().splitlines() if l]
     tools, labels = meta["tools"], meta["workloads"]
     res = {w: {t: {"runs": []} for t in tools} for w in labels}
-    for tool, wid, run, secs, status, cap, ra, rb, sa, sb in rows:
+    for tool, wid, run, secs, status, cap, ra, rb, sa, sb, hwm, anon in rows:
         r = {"run": int(run), "seconds": float(secs), "status": status, "cap_s": int(cap)}
+        if hwm != "-":
+            r["hwm_mb"] = round(int(hwm) / 1024, 1)
+        if anon != "-":
+            r["anon_mb"] = round(int(anon) / 1024, 1)
         if loglines is not None and ra != "-":
             kinds = {}
             for line in loglines[int(ra):int(rb)]:
@@ -367,6 +460,10 @@ def cmd_report(a):
             st = [r["s4db_stats"] for r in base if "s4db_stats" in r]
             if st:
                 e["s4db_stats"] = st[(len(st) - 1) // 2]
+            for m in ("hwm_mb", "anon_mb"):  # the daemon's peak over every run
+                v = [r[m] for r in e["runs"] if m in r]
+                if v:
+                    e["peak_" + m] = max(v)
     doc = dict(meta, results=res)
     with open(a.out + ".json", "w") as f:
         json.dump(doc, f, indent=1)
@@ -386,6 +483,10 @@ def cmd_report(a):
         if ours["status"] == "timeout" and peer["status"] == "ok":
             return "< " + fmt_ratio(peer["median_s"] / ours["cap_s"])
         return "-"
+    def rss(e):
+        if "peak_hwm_mb" not in e:
+            return "-"
+        return f"{e['peak_hwm_mb']:.0f}" + (f" ({e['peak_anon_mb']:.0f})" if "peak_anon_mb" in e else "")
     def stats(e):
         s = e.get("s4db_stats")
         if not s:
@@ -396,7 +497,9 @@ def cmd_report(a):
     head = ["workload"]
     for t in tools:
         head += [f"{names[t]} s", "req"]
+    daemons = [t for t in tools if t != "local"]
     head += [f"{names[p]} ÷ s4db" for p in peers] + ["s4db `.s4db/stats`"]
+    head.append("peak RSS MB (anon): " + " / ".join(names[t] for t in daemons))
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for wid, label in labels.items():
         row = [label]
@@ -404,6 +507,7 @@ def cmd_report(a):
             row += [cell(res[wid][t]), reqs(res[wid][t])]
         row += [ratio(res[wid][p], res[wid]["s4db"]) for p in peers]
         row.append(stats(res[wid]["s4db"]))
+        row.append(" / ".join(rss(res[wid][t]) for t in daemons))
         lines.append("| " + " | ".join(row) + " |")
     if loglines is not None:
         lines += ["", "Requests by kind (as the proxy saw them; LIST = GET of the bucket):", "",
@@ -415,6 +519,12 @@ def cmd_report(a):
                 k = res[wid][t].get("requests_by_kind")
                 row.append(", ".join(f"{v} {n}" for n, v in k.items()) if k else ("none" if k == {} else "-"))
             lines.append("| " + " | ".join(row) + " |")
+    sc = meta.get("single_conn")
+    if sc:
+        lines += ["", f"One connection through the proxy (one GET of the {sc['bytes'] / (1 << 20):,.0f} MiB "
+                  f"object `{sc['key']}`, after s4db's large cold read): {sc['seconds']:.1f} s, "
+                  f"{sc['mib_per_s']:.0f} MiB/s; the proxy caps each connection at "
+                  f"{meta['mb_per_s']:g} MB/s."]
     lines += ["", meta["footnote"], ""]
     text = "\n".join(lines)
     with open(a.out + ".md", "w") as f:
@@ -435,6 +545,14 @@ for o in ("--d", "--e", "--p", "--big"):
     p.add_argument(o, type=int, default=0)
 p.set_defaults(fn=cmd_seed)
 p = sub.add_parser("stats"); p.add_argument("mnt"); p.set_defaults(fn=cmd_stats)
+p = sub.add_parser("seed-dir"); p.add_argument("endpoint"); p.add_argument("bucket")
+p.add_argument("dir"); p.add_argument("prefix"); p.set_defaults(fn=cmd_seed_dir)
+p = sub.add_parser("seed-file"); p.add_argument("endpoint"); p.add_argument("bucket")
+p.add_argument("key"); p.add_argument("path"); p.set_defaults(fn=cmd_seed_file)
+p = sub.add_parser("get-speed"); p.add_argument("endpoint"); p.add_argument("bucket")
+p.set_defaults(fn=cmd_get_speed)
+p = sub.add_parser("sample-rss"); p.add_argument("pid"); p.add_argument("out")
+p.set_defaults(fn=cmd_sample_rss)
 p = sub.add_parser("report"); p.add_argument("--raw", required=True); p.add_argument("--log")
 p.add_argument("--meta", required=True); p.add_argument("--out", required=True)
 p.set_defaults(fn=cmd_report)
@@ -446,7 +564,7 @@ helper() { "$PY" "$WORK/peers.py" "$@"; }
 # ---- moto: one server for everything
 MOTO_PORT=$(free_port)
 MOTO="http://127.0.0.1:$MOTO_PORT"
-"$MOTO_SERVER" -H 127.0.0.1 -p "$MOTO_PORT" >"$WORK/moto.log" 2>&1 &
+"$PY" "$ROOT/scripts/bench_moto.py" -H 127.0.0.1 -p "$MOTO_PORT" >"$WORK/moto.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 100); do
   "$PY" -c "import urllib.request, sys; urllib.request.urlopen(sys.argv[1], timeout=1)" "$MOTO" 2>/dev/null && break
@@ -459,15 +577,23 @@ printf 'bench:bench\n' >"$WORK/s3fs.passwd"
 chmod 600 "$WORK/s3fs.passwd"
 head -c 192 /dev/urandom | base64 -w0 >"$WORK/small" # 256 B of text
 mkdir -p "$WORK/mnt"
-"$PY" - "$WORK" "$N" "$NC" <<'PYEOF' # the files the create workloads copy
-import os, sys
-work, n, nc = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+"$PY" - "$WORK" "$N" "$NC" "$NG" "$SCAN_PER_DIR" "$SCAN_KIB" <<'PYEOF' # the files the create workloads copy, and the scanned ones
+import base64, os, sys
+work, n, nc, ng, per_dir, kib = sys.argv[1], *map(int, sys.argv[2:])
 small = open(f"{work}/small", "rb").read()
 for d, count in (("d", n), ("c", nc)):
     os.makedirs(f"{work}/src/{d}")
     for i in range(1, count + 1):
         with open(f"{work}/src/{d}/f{i}", "wb") as f:
             f.write(small)
+# g/d<j>/f<i>: text of kib KiB each (lines of 76 base64 characters), 100 to a directory.
+for i in range(1, ng + 1):
+    d = f"{work}/src/g/d{(i - 1) // per_dir + 1}"
+    if (i - 1) % per_dir == 0:
+        os.makedirs(d)
+    text = base64.encodebytes(os.urandom(kib * 1024))[:kib * 1024 - 1] + b"\n"
+    with open(f"{d}/f{i}", "wb") as f:
+        f.write(text)
 PYEOF
 MNT="$WORK/mnt"
 
@@ -479,6 +605,7 @@ RCLONE_MOUNTED_AT=0 # rclone's log size when the mount started
 mount_tool() { # mount_tool TOOL BUCKET: mount on $MNT with fresh cache directories
   local tool=$1 bucket=$2 cache
   cache=$(mktemp -d "$WORK/cache-$tool.XXXX")
+  CACHE=$cache
   if [[ $tool == local ]]; then # the reference: a directory on the local disk
     MNT="$WORK/local-$bucket"
     mkdir -p "$MNT"
@@ -574,17 +701,24 @@ RAW=""
 reqline() { if [[ -n "$REQLOG" ]]; then wc -l <"$REQLOG"; else echo -; fi; }
 s4stats() { if [[ $1 == s4db ]]; then helper stats "$MNT"; else echo -; fi; }
 peer_cap() { # peer_cap WID: max(CAP_S, CAP_RATIO × s4db's median for WID), whole seconds
-  local m k=$CAP_RATIO
-  [[ $1 == create_many ]] && k=$CREATE_CAP_RATIO
+  local m k=$CAP_RATIO floor=$CAP_S
+  case $1 in
+  create_many) k=$CREATE_CAP_RATIO ;;
+  grep | tar) k=$SCAN_CAP_RATIO ;;
+  huge_w | huge_r) k=$HUGE_CAP_RATIO floor=$HUGE_CAP_FLOOR ;;
+  esac
   m=$(awk -F'\t' -v w="$1" '$1 == "s4db" && $2 == w && $5 == "ok" { print $4 }' "$RAW" |
     sort -g | awk '{ a[NR] = $1 } END { print NR ? (NR % 2 ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2) : 0 }')
-  awk -v m="$m" -v floor="$CAP_S" -v k="$k" \
+  awk -v m="$m" -v floor="$floor" -v k="$k" \
     'BEGIN { c = k * m; if (c < floor) c = floor; printf "%d\n", c == int(c) ? c : int(c) + 1 }'
 }
-LOCAL_WIDS=" create create_many ls warm fio_w read_warm " # what the local disk runs
+LOCAL_WIDS=" create create_many ls warm fio_w read_warm huge_w walk " # what the local disk runs
+LAST_ONLY=" create_many huge_w huge_r grep tar walk " # in the last RTT pass only
+PEERLESS=" walk " # s4db and the local disk only (see one_run)
 wants() { # wants WID: is WID measured in this run?
   [[ $TOOL != local || $LOCAL_WIDS == *" $1 "* ]] || return 1
-  [[ $1 != create_many || $RTT == "$LAST_RTT" ]] || return 1
+  [[ $LAST_ONLY != *" $1 "* || $RTT == "$LAST_RTT" ]] || return 1
+  [[ $PEERLESS != *" $1 "* || $TOOL == s4db || $TOOL == local ]] || return 1
   [[ $RUN -eq 1 ]] && return 0
   [[ -z "${ONCE[$TOOL $1]:-}" ]] || return 1
   # A warm read is only warm after the cold read in the same mount.
@@ -605,6 +739,13 @@ timed() { # timed WID COMMAND [SPEC...]: runs COMMAND in the mount (plus the pub
   [[ $# -gt 0 ]] && cmd="$cmd && $(publish_cmd "$TOOL" "$wid" "$@")"
   sa=$(s4stats "$TOOL")
   ra=$(reqline)
+  local hwm=- anon=- sampler=""
+  if [[ -n $DAEMON ]]; then # the daemon's peak memory over this workload
+    echo 5 >"/proc/$DAEMON/clear_refs" 2>/dev/null || true # resets VmHWM to the current RSS
+    rm -f "$WORK/anon"
+    helper sample-rss "$DAEMON" "$WORK/anon" &
+    sampler=$!
+  fi
   t0=$(now)
   if [[ $status == ok ]]; then
     # In the background and waited for: a trapped signal interrupts `wait` at once,
@@ -615,6 +756,15 @@ timed() { # timed WID COMMAND [SPEC...]: runs COMMAND in the mount (plus the pub
     WORKLOAD=""
   fi
   secs=$(elapsed "$t0")
+  if [[ -n $sampler ]]; then
+    kill "$sampler" 2>/dev/null || true
+    wait "$sampler" 2>/dev/null || true
+    hwm=$(awk '/^VmHWM:/ { print $2 }' "/proc/$DAEMON/status" 2>/dev/null || true)
+    [[ -n $hwm ]] || hwm=-
+    anon=$(cat "$WORK/anon" 2>/dev/null || true) # none when over before the first sample:
+    [[ -n $anon ]] || anon=$(awk '/^RssAnon:/ { print $2 }' "/proc/$DAEMON/status" 2>/dev/null || true)
+    [[ -n $anon ]] || anon=-
+  fi
   rb=$(reqline)
   sb=$(s4stats "$TOOL")
   if [[ $rc -eq 124 || $rc -eq 137 ]]; then
@@ -631,8 +781,8 @@ timed() { # timed WID COMMAND [SPEC...]: runs COMMAND in the mount (plus the pub
   elif [[ $status == ok && $# -gt 0 ]] && ! verify "$TOOL" "$BUCKET" "$@"; then
     status=fail
   fi
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$TOOL" "$wid" "$RUN" "$secs" "$status" \
-    "$cap" "$ra" "$rb" "$sa" "$sb" >>"$RAW"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$TOOL" "$wid" "$RUN" "$secs" "$status" \
+    "$cap" "$ra" "$rb" "$sa" "$sb" "$hwm" "$anon" >>"$RAW"
   printf '  %-7s run %d  %-7s %8.3f s  %s\n' "$TOOL" "$RUN" "$wid" "$secs" "$status" >&2
   if [[ $RUN -eq 1 && ($status != ok || $(echo "$secs > $REPEAT_UNDER_S" | bc) -eq 1) ]]; then
     ONCE[$TOOL $wid]=1
@@ -709,6 +859,148 @@ one_run() { # one_run: every workload once for $TOOL in new buckets
   timed rm "rm -r d" '!d/*'
   unmount_tool
   [[ $TOOL != local ]] || rm -rf "$WORK/local-$BUCKET" "$WORK/local-$BUCKET-c"
+  huge_run
+  scan_run
+  walk_run
+}
+
+last_ok() { # last_ok WID: did WID's last row (this run) end ok?
+  tail -1 "$RAW" | awk -F'\t' -v w="$1" -v r="$RUN" '$2 == w && $3 == r && $5 == "ok" { ok = 1 } END { exit !ok }'
+}
+unmount_after() { # unmount_after WID: unmount, hard when WID hit its cap; drop the caches
+  if [[ $(tail -1 "$RAW" | cut -f2,5) == "$1"$'\t'timeout ]]; then unmount_tool --hard; else unmount_tool; fi
+  rm -rf "$CACHE"
+}
+
+# The large file: written (fio, bs=1M) and published, then read cold after a remount
+# (dd bs=1M, which checks that every byte came back). A peer whose write hit its cap
+# gets the file straight into its bucket (from HUGE_SRC, made on first need).
+HUGE_BYTES=$((HUGE_MIB << 20))
+HUGE_SRC="$WORK/huge.src"
+HUGE_FIO=(fio --bs=1M --size="${HUGE_MIB}M" --ioengine=psync --filename=huge.bin)
+declare -A SINGLE # rtt -> done: the one-connection reference is measured once per pass
+huge_run() {
+  wants huge_w || wants huge_r || return 0
+  BUCKET="$TOOL-${RTT}ms-r$RUN-h"
+  [[ $TOOL == local ]] || helper mkbucket "$MOTO" "$BUCKET"
+  mount_tool "$TOOL" "$BUCKET"
+  timed huge_w "${HUGE_FIO[*]} --name=write --rw=write --fallocate=none --output='$WORK/fio.out'" \
+    "huge.bin=$HUGE_BYTES"
+  if [[ $TOOL == local ]]; then
+    rm -rf "$MNT"
+    return 0
+  fi
+  if ! last_ok huge_w && wants huge_r; then
+    if [[ $TOOL == s4db ]]; then
+      (cd "$MNT" && head -c "$HUGE_BYTES" /dev/urandom >huge.bin && echo >.s4db/upload)
+    else
+      unmount_after huge_w
+      [[ -f $HUGE_SRC ]] || head -c "$HUGE_BYTES" /dev/urandom >"$HUGE_SRC"
+      helper seed-file "$MOTO" "$BUCKET" huge.bin "$HUGE_SRC"
+      mount_tool "$TOOL" "$BUCKET"
+    fi
+  fi
+  unmount_after huge_w
+  wants huge_r || return 0
+  mount_tool "$TOOL" "$BUCKET"
+  timed huge_r "LC_ALL=C dd if=huge.bin of=/dev/null bs=1M 2>&1 | grep -q '^$HUGE_BYTES bytes'"
+  unmount_after huge_r
+  # The reference: one GET on one connection through the proxy, of the largest object
+  # s4db left (the data file holding the large file).
+  if [[ $TOOL == s4db && -n $REQLOG && -z ${SINGLE[$RTT]:-} ]]; then
+    helper get-speed "$EP" "$BUCKET" >"$WORK/single-$RTT.json"
+    SINGLE[$RTT]=1
+    log "one connection through the proxy: $(cat "$WORK/single-$RTT.json")"
+  fi
+}
+
+# Cold `grep -r` and `tar c` of the G small files, each on a fresh mount. s4db's
+# database is written once per pass through the mount (cp -r, then published); the peers
+# share one bucket of plain objects (PUT straight into moto), which they only read.
+declare -A SCAN_MADE
+scan_run() {
+  [[ $TOOL != local ]] || return 0
+  wants grep || wants tar || return 0
+  if [[ $TOOL == s4db ]]; then
+    BUCKET="s4db-${RTT}ms-g"
+  else
+    BUCKET="plain-${RTT}ms-g"
+  fi
+  if [[ -z ${SCAN_MADE[$BUCKET]:-} ]]; then
+    helper mkbucket "$MOTO" "$BUCKET"
+    if [[ $TOOL == s4db ]]; then
+      mount_tool s4db "$BUCKET"
+      (cd "$MNT" && cp -r "$WORK/src/g" g && echo >.s4db/upload)
+      unmount_after none
+    else
+      helper seed-dir "$MOTO" "$BUCKET" "$WORK/src/g" g
+    fi
+    SCAN_MADE[$BUCKET]=1
+  fi
+  local w
+  for w in grep tar; do
+    wants $w || continue
+    mount_tool "$TOOL" "$BUCKET"
+    # grep -c reads every file to its end; tar's output goes through a pipe, since GNU
+    # tar skips reading the files when it writes to /dev/null.
+    case $w in
+    grep) timed grep "grep -r -c a g" ;;
+    tar) timed tar "tar cf - g | wc -c" ;;
+    esac
+    unmount_after $w
+  done
+}
+
+# os.walk + os.stat of every path of W keys in WALK_DIRS directories: s4db (the first
+# walk after a fresh mount: every name is a lookup in the daemon) against the same tree
+# on the local disk (its dentries cached). s4db's database is imported once per pass with
+# the CLI, straight into moto. The peers are not run: 100,000 objects per bucket would
+# take minutes to seed, and s3fs would send a HEAD per file.
+cat >"$WORK/walk.py" <<'PYEOF'
+import os, sys
+n = 0
+for d, _, files in os.walk(sys.argv[1]):
+    for f in files:
+        os.stat(os.path.join(d, f))
+        n += 1
+if n != int(sys.argv[2]):
+    sys.exit(f"walked {n} files, not {sys.argv[2]}")
+PYEOF
+WALK_PY='import json, sys
+n, dirs = int(sys.argv[1]), int(sys.argv[2])
+per = -(-n // dirs)
+def key(i): return "w/d%03d/f%06d" % (i // per, i)
+def value(i): return "value %d\n" % i'
+declare -A WALK_MADE
+walk_run() {
+  wants walk || return 0
+  if [[ $TOOL == local ]]; then
+    mount_tool local walk
+    if [[ -z ${WALK_MADE[local]:-} ]]; then
+      (cd "$MNT" && "$PY" -c "$WALK_PY
+import os
+for i in range(n):
+    os.makedirs(os.path.dirname(key(i)), exist_ok=True)
+    open(key(i), 'w').write(value(i))" "$NW" "$WALK_DIRS")
+      WALK_MADE[local]=1
+    fi
+  else
+    BUCKET="s4db-${RTT}ms-w"
+    if [[ -z ${WALK_MADE[$BUCKET]:-} ]]; then
+      helper mkbucket "$MOTO" "$BUCKET"
+      local s3=(--endpoint-url "$MOTO" --force-path-style --region us-east-1 --local-dir "$WORK/walk-import")
+      "$PY" -c "$WALK_PY
+for i in range(n):
+    print(json.dumps({'key': key(i), 'value': value(i)}))" "$NW" "$WALK_DIRS" |
+        "$BIN/s4db" "${s3[@]}" --no-upload import --batch 10000 "$BUCKET" >/dev/null
+      "$BIN/s4db" "${s3[@]}" upload "$BUCKET" >/dev/null
+      rm -rf "$WORK/walk-import"
+      WALK_MADE[$BUCKET]=1
+    fi
+    mount_tool s4db "$BUCKET"
+  fi
+  timed walk "python3 '$WORK/walk.py' w $NW"
+  unmount_after walk
 }
 
 VERSIONS=$(printf '{"s4db": "%s", "s3fs": "%s", "rclone": "%s", "fio": "%s", "moto": "%s"}' \
@@ -726,7 +1018,7 @@ for RTT in ${RTTS//,/ }; do
     : >"$REQLOG"
     PROXY_PORT=$(free_port)
     python3 "$ROOT/scripts/latency_proxy.py" "$PROXY_PORT" 127.0.0.1 "$MOTO_PORT" \
-      --rtt-ms "$RTT" --log "$REQLOG" 2>>"$WORK/proxy.log" &
+      --rtt-ms "$RTT" --mb-per-s "$MBPS" --log "$REQLOG" 2>>"$WORK/proxy.log" &
     PROXY_PID=$!
     PIDS+=("$PROXY_PID")
     EP="http://127.0.0.1:$PROXY_PORT"
@@ -749,7 +1041,8 @@ EOF
   : >"$RAW"
   ONCE=()
   start=$(date +%s)
-  log "RTT $RTT ms: endpoint $EP, N=$N, runs: $RUNS, peers capped at max($CAP_S s, $CAP_RATIO × s4db)"
+  LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+  log "RTT $RTT ms: endpoint $EP ($MBPS MB/s per connection), N=$N, runs: $RUNS, peers capped at max($CAP_S s, $CAP_RATIO × s4db); load: $(cut -d' ' -f1-3 /proc/loadavg)"
   for TOOL in "${TOOLS[@]}"; do
     for RUN in $(seq 1 "$RUNS"); do
       one_run
@@ -766,13 +1059,18 @@ EOF
     cat <<EOF
 {"rtt_ms": $RTT, "n": $N, "runs": $RUNS, "cap_floor_s": $CAP_S, "cap_ratio": $CAP_RATIO,
  "repeat_under_s": $REPEAT_UNDER_S,
- "big_mib": $BIG_MIB, "k": $K, "ka": $KA, "n_create": $NC, "create_cap_ratio": $CREATE_CAP_RATIO, "date": "$(date -u +%Y-%m-%dT%H:%M:%SZ)", "cores": $(nproc),
+ "big_mib": $BIG_MIB, "huge_mib": $HUGE_MIB, "n_scan": $NG, "scan_kib": $SCAN_KIB,
+ "n_walk": $NW, "walk_dirs": $WALK_DIRS, "mb_per_s": $MBPS, "scan_cap_ratio": $SCAN_CAP_RATIO,
+ "huge_cap_ratio": $HUGE_CAP_RATIO, "huge_cap_floor_s": $HUGE_CAP_FLOOR,
+ "single_conn": $(cat "$WORK/single-$RTT.json" 2>/dev/null || echo null),
+ "k": $K, "ka": $KA, "n_create": $NC, "create_cap_ratio": $CREATE_CAP_RATIO, "date": "$(date -u +%Y-%m-%dT%H:%M:%SZ)", "cores": $(nproc),
  "kernel": "$(uname -r)", "versions": $VERSIONS,
  "tools": ["s4db", "s3fs", "rclone", "local"],
  "tool_names": {"s4db": "s4db-mount", "s3fs": "s3fs", "rclone": "rclone", "local": "local disk"},
- "title": "s4db-mount, s3fs and rclone mount on moto_server, $([[ $RTT == 0 ]] && echo "no added latency (requests not counted)" || echo "+$RTT ms RTT")",
- "subtitle": "N=$N, $([[ $RUNS -gt 1 ]] && echo "median of $RUNS runs" || echo "one run"), seconds (lower is better) and the S3 requests sent. $(nproc) cores; s3fs $(s3fs --version 2>/dev/null | head -1 | grep -o 'V[0-9.]*'), rclone $(rclone version 2>/dev/null | head -1 | awk '{print $2}') with --vfs-cache-mode writes --vfs-write-back 0s.",
- "footnote": "peer ÷ s4db: how many times longer the peer took (> 1: s4db is faster). † one run only: it took over $REPEAT_UNDER_S s (or hit the cap) the first time. > X s: stopped at the cap, max($CAP_S s, $CAP_RATIO × s4db's time; $CREATE_CAP_RATIO × for the $NC-file create, so that a capped ratio still shows whether s4db is $CREATE_CAP_RATIO× faster). Write workloads end when the result is in S3 (local disk: after sync); reads run on a fresh mount with empty caches; the local disk's reads are from its page cache.",
+ "title": "s4db-mount, s3fs and rclone mount on moto_server, $([[ $RTT == 0 ]] && echo "no added latency (requests not counted)" || echo "+$RTT ms RTT, $([[ $MBPS == 0 ]] && echo "no bandwidth cap" || echo "$MBPS MB/s per connection")")",
+ "load": {"start": "$LOAD_START", "end": "$(cut -d' ' -f1-3 /proc/loadavg)"},
+ "subtitle": "N=$N, $([[ $RUNS -gt 1 ]] && echo "median of $RUNS runs" || echo "one run"), seconds (lower is better) and the S3 requests sent. $(nproc) cores, load average (1, 5, 15 min) $LOAD_START at the start of the pass and $(cut -d' ' -f1-3 /proc/loadavg) at its end; s3fs $(s3fs --version 2>/dev/null | head -1 | grep -o 'V[0-9.]*'), rclone $(rclone version 2>/dev/null | head -1 | awk '{print $2}') with --vfs-cache-mode writes --vfs-write-back 0s.",
+ "footnote": "peer ÷ s4db: how many times longer the peer took (> 1: s4db is faster). † one run only: it took over $REPEAT_UNDER_S s (or hit the cap) the first time. > X s: stopped at the cap, max($CAP_S s, $CAP_RATIO × s4db's time; $CREATE_CAP_RATIO × for the $NC-file create, so that a capped ratio still shows whether s4db is $CREATE_CAP_RATIO× faster; $SCAN_CAP_RATIO × for the scans; max($HUGE_CAP_FLOOR s, $HUGE_CAP_RATIO ×) for the $HUGE_MIB MiB write and read). Peak RSS: the daemon's VmHWM over the workload (RssAnon, sampled every 50 ms, in parentheses), the largest over the runs. Write workloads end when the result is in S3 (local disk: after sync); reads run on a fresh mount with empty caches; the local disk's reads are from its page cache.",
  "workloads": {
   "create_many": "create $NC files of 256 B (cp -r) + publish",
   "create": "create $N files of 256 B (cp -r) + publish",
@@ -786,7 +1084,12 @@ EOF
   "par64": "64 cold reads of 64 KiB, 64 in parallel",
   "fio_w": "fio sequential write, $BIG_MIB MiB (bs=1M) + publish",
   "fio_r": "fio cold sequential read, $BIG_MIB MiB (bs=1M)",
-  "read_warm": "warm sequential read of the same $BIG_MIB MiB (dd bs=1M)"
+  "read_warm": "warm sequential read of the same $BIG_MIB MiB (dd bs=1M)",
+  "huge_w": "sequential write, $HUGE_MIB MiB (fio bs=1M) + publish",
+  "huge_r": "cold sequential read of the $HUGE_MIB MiB after a remount (dd bs=1M)",
+  "grep": "cold grep -r of $NG files of $SCAN_KIB KiB",
+  "tar": "cold tar c of $NG files of $SCAN_KIB KiB",
+  "walk": "os.walk + os.stat of $NW keys in $WALK_DIRS directories, first after mount"
  }}
 EOF
   )

@@ -1,14 +1,23 @@
 #!/usr/bin/env python3
 """A TCP proxy that adds network latency, and logs the HTTP requests it carries.
 
-    latency_proxy.py LISTEN_PORT TARGET_HOST TARGET_PORT [--rtt-ms 20] [--log FILE]
+    latency_proxy.py LISTEN_PORT TARGET_HOST TARGET_PORT [--rtt-ms 20] [--mb-per-s 80] [--log FILE]
 
 moto_server answers on loopback in microseconds of network time; real S3 is tens of
 milliseconds away. Benchmarks that put this proxy between a client and moto see what a
 client's request pattern costs once every round trip is paid: each direction's bytes are
-held for rtt/2, so one request/response costs about one RTT more. Bytes are delayed, not
-throttled: a chunk read at time t is written at t + rtt/2 while later chunks keep flowing,
-so bulk transfers keep their bandwidth, as on a real long fat pipe.
+held for rtt/2, so one request/response costs about one RTT more. A chunk read at time t is
+written at t + rtt/2 while later chunks keep flowing, as on a real long fat pipe.
+
+Each connection is also capped, each direction on its own, at --mb-per-s megabytes (10^6
+bytes) per second, 80 by default: about what one connection to S3 carries from an EC2
+instance, where a client that wants more bandwidth opens more connections and their
+throughputs add up. Without the cap, one loopback connection carries gigabytes per second
+and parallel range GETs would gain nothing here that they gain on S3. The cap is a
+schedule, not a sampled rate: each chunk leaves no earlier than the previous chunk's end
+on that connection's line (its bytes ÷ the rate), so a 1 GiB body takes 1 GiB ÷ 80 MB/s
+≈ 13.4 s on one connection and about an eighth of it on eight. `--mb-per-s 0` removes the
+cap (bandwidth is then whatever Python and loopback give, ~1 GB/s per connection).
 
 Connecting costs nothing extra, on purpose: moto's server (werkzeug) answers every request
 with `Connection: close`, so clients open one connection per request here, where against
@@ -121,14 +130,23 @@ class RequestLog:
         return False
 
 
-async def pipe(reader, writer, delay, on_data):
-    """Copies reader to writer, each chunk written `delay` seconds after it was read.
+async def pipe(reader, writer, delay, on_data, rate=0.0):
+    """Copies reader to writer, each chunk written `delay` seconds after it was read, and
+    with rate (bytes/s, 0 = unlimited) no sooner than the previous chunk has drained at
+    that rate.
 
     Reading and writing are separate tasks joined by a queue, so a chunk waiting out its
-    delay never holds back the reading of the next ones.
+    delay never holds back the reading of the next ones. The queue is bounded in chunks:
+    with a rate cap, a sender faster than the cap fills it and then waits, as a TCP sender
+    waits on a full window, rather than having the proxy buffer a whole body.
     """
     loop = asyncio.get_running_loop()
-    queue = asyncio.Queue(maxsize=1024)
+    if rate:
+        # Enough for the bytes a capped line holds in flight over the delay, plus slack.
+        depth = max(16, int(4 * rate * max(delay, 0.001) / CHUNK) + 16)
+    else:
+        depth = 1024
+    queue = asyncio.Queue(maxsize=depth)
 
     async def read_side():
         try:
@@ -143,8 +161,12 @@ async def pipe(reader, writer, delay, on_data):
         await queue.put((loop.time() + delay, None))
 
     async def write_side():
+        line_free = 0.0  # when the capped line has sent everything written so far
         while True:
             due, data = await queue.get()
+            if rate and data is not None:
+                # It has arrived once its last byte is through the line.
+                due = line_free = max(due, line_free) + len(data) / rate
             wait = due - loop.time()
             if wait > 0:
                 await asyncio.sleep(wait)
@@ -180,8 +202,9 @@ async def relay(client_r, client_w, args, log, conn_id):
         client_w.close()
         return
     parser = RequestLog(conn_id, log)
-    up = asyncio.create_task(pipe(client_r, server_w, half, parser.feed))
-    down = asyncio.create_task(pipe(server_r, client_w, half, lambda _: None))
+    rate = args.mb_per_s * 1e6
+    up = asyncio.create_task(pipe(client_r, server_w, half, parser.feed, rate))
+    down = asyncio.create_task(pipe(server_r, client_w, half, lambda _: None, rate))
     try:
         # The connection is over once the server's side has ended and reached the client
         # (the server sends nothing more; a client may keep a dead socket pooled for long),
@@ -209,6 +232,9 @@ async def main():
     ap.add_argument("target_host")
     ap.add_argument("target_port", type=int)
     ap.add_argument("--rtt-ms", type=float, default=20.0, help="added round-trip time (ms)")
+    ap.add_argument("--mb-per-s", type=float, default=80.0,
+                    help="bandwidth cap of each connection and direction, in MB/s "
+                         "(10^6 bytes; default 80; 0 = no cap)")
     ap.add_argument("--listen-host", default="127.0.0.1")
     ap.add_argument("--log", help="append one line per HTTP request to this file")
     args = ap.parse_args()
@@ -222,7 +248,9 @@ async def main():
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     print(f"latency_proxy: {args.listen_host}:{args.listen_port} -> "
-          f"{args.target_host}:{args.target_port}, +{args.rtt_ms:g} ms RTT", file=sys.stderr)
+          f"{args.target_host}:{args.target_port}, +{args.rtt_ms:g} ms RTT, "
+          + (f"{args.mb_per_s:g} MB/s per connection" if args.mb_per_s else "no bandwidth cap"),
+          file=sys.stderr)
     async with server:
         await stop.wait()
 
