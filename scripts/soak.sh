@@ -5,7 +5,10 @@
 # SAMPLE uploads it records the object count in the bucket, what a fresh mount's first
 # `ls -lR` costs (S3 requests, seconds), both daemons' RSS and the writer's local directory.
 #
-#   scripts/soak.sh [UPLOADS] [SAMPLE]      defaults 20000 and 1000
+#   scripts/soak.sh [UPLOADS] [SAMPLE] [KEYS]   defaults 20000, 1000 and 2000
+#
+# Each upload writes (or overwrites) one of KEYS files, so the live data stays the same
+# size while the history grows: what must stay flat is what the history costs.
 #
 # Writes target/soak/soak.csv and, with matplotlib (.venv-test/bench, made on first use
 # as for bench_chart.py), target/soak/soak.png. Runs against one local moto_server;
@@ -16,6 +19,7 @@ cd "$ROOT"
 source scripts/lib.sh
 UPLOADS=${1:-20000}
 SAMPLE=${2:-1000}
+KEYS=${3:-2000}
 OUT="$ROOT/target/soak"
 mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/s4db-soak-XXXXXX)
@@ -102,13 +106,11 @@ sample() {
 sample 0
 i=1
 while [ "$i" -le "$UPLOADS" ]; do
-  d=$((i % 100))
-  printf 'value %d %s\n' "$i" "$(head -c 96 /dev/zero | tr '\0' x)" >"$WORK/w/d$d/f$i"
-  # Every 10th upload also overwrites an older file, every 50th deletes one.
-  if [ $((i % 10)) -eq 0 ] && [ -e "$WORK/w/d$(((i / 2) % 100))/f$((i / 2))" ]; then
-    echo "overwritten at $i" >"$WORK/w/d$(((i / 2) % 100))/f$((i / 2))"
-  fi
-  if [ $((i % 50)) -eq 0 ]; then rm -f "$WORK/w/d$(((i / 3) % 100))/f$((i / 3))"; fi
+  # Keys cycle through KEYS files: the live data stays the same size while the history
+  # grows; every 50th upload also deletes one.
+  k=$((i % KEYS))
+  printf 'value %d %s\n' "$i" "$(head -c 96 /dev/zero | tr '\0' x)" >"$WORK/w/d$((k % 100))/f$k"
+  if [ $((i % 50)) -eq 0 ]; then k=$(((i / 3) % KEYS)); rm -f "$WORK/w/d$((k % 100))/f$k"; fi
   echo > "$WORK/w/.s4db/upload"
   if [ $((i % SAMPLE)) -eq 0 ]; then sample "$i"; fi
   i=$((i + 1))
