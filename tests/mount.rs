@@ -1298,7 +1298,10 @@ fn the_peer_benchmark_and_its_report_run() {
             assert!(fine, "{tool} {wid}: {e}");
             // Every daemon's peak memory is measured, in every workload it ran.
             if tool != "local" && status != "not run" {
-                assert!(e["peak_hwm_mb"].as_f64().unwrap() > 0.0, "{tool} {wid}: {e}");
+                assert!(
+                    e["peak_hwm_mb"].as_f64().unwrap() > 0.0,
+                    "{tool} {wid}: {e}"
+                );
             }
         }
     }
