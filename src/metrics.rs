@@ -459,6 +459,22 @@ impl Metrics {
     }
 
     /// A gc run: `removed` is the objects it deleted and their bytes.
+    /// One background compaction round (`S4db::compact_round`): the files
+    /// it retires are deleted by gc after the grace period, so they count as
+    /// removed here and their bytes as rewritten.
+    pub fn compaction_round(&self, r: &crate::Result<crate::db::RoundReport>) {
+        let outcome = if r.is_ok() { "ok" } else { "error" };
+        self.compactions
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
+        if let Ok(r) = r {
+            self.compaction_removed_objects
+                .inc_by(r.files_retired as u64);
+            self.compaction_removed_bytes
+                .inc_by(r.bytes_read.saturating_sub(r.bytes_written));
+        }
+    }
+
     pub fn gc(&self, ok: bool, objects: u64, bytes: u64) {
         let outcome = if ok { "ok" } else { "error" };
         self.gc_runs.get_or_create(&OutcomeLabel { outcome }).inc();

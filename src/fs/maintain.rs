@@ -108,8 +108,11 @@ impl S4Fs {
             }
             if writes && next_gc.is_some_and(|t| now >= t) {
                 next_gc = cfg.gc_interval.map(|d| now + d);
-                if let Err(e) = self.db.gc_round(cfg.gc_grace, GC_MAX_OBJECTS).await {
-                    if !matches!(e, crate::Error::Unsynced(_)) {
+                match self.db.gc_round(cfg.gc_grace, GC_MAX_OBJECTS).await {
+                    Ok(deleted) => crate::metrics::global().gc(true, deleted.len() as u64, 0),
+                    Err(crate::Error::Unsynced(_)) => {}
+                    Err(e) => {
+                        crate::metrics::global().gc(false, 0, 0);
                         self.maint_error("background gc", &e);
                     }
                 }
@@ -124,7 +127,13 @@ impl S4Fs {
     /// Compaction rounds while they find work (bounded).
     async fn compact_turn(&self, opts: &CompactOptions) {
         for _ in 0..ROUNDS_PER_TURN {
-            match self.db.compact_round(opts).await {
+            let round = self.db.compact_round(opts).await;
+            if !matches!(&round, Ok(r) if !r.did_work())
+                && !matches!(round, Err(crate::Error::Unsynced(_)))
+            {
+                crate::metrics::global().compaction_round(&round);
+            }
+            match round {
                 Ok(r) => {
                     // Values did not change, only where they are: their sizes
                     // and put times move along.
