@@ -44,7 +44,8 @@
 #
 # Installs s3fs, rclone, fio and bc with apt-get when missing; needs .venv-test/py10
 # (moto_server; `scripts/test.sh --setup-only` makes it). Builds the release binaries, or
-# uses S4DB_BENCH_BIN=DIR. A default run (0 and 20 ms) takes about 9 minutes on 2 cores.
+# uses S4DB_BENCH_BIN=DIR. A default run (0 and 20 ms) takes about 15 minutes on 2 cores, the
+# 1 GiB, scan and walk workloads of the 20 ms pass about 7 of them (busy machine, load 7-13).
 #
 # Fairness rules:
 # - Every tool mounts with its defaults plus what it needs to work here: rclone gets
