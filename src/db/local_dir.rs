@@ -309,21 +309,33 @@ impl LocalDir {
         self.used.lock().unwrap().insert(file_id, tick);
     }
 
+    /// The read handle of a local data file (`None` when absent); a read
+    /// of an absent file leaves no trace (the maps follow the directory).
     fn handle(&self, file_id: u64) -> Result<Option<Arc<File>>> {
-        self.touch(file_id);
-        if let Some(f) = self.handles.lock().unwrap().get(&file_id) {
-            return Ok(Some(f.clone()));
+        if let Some(f) = self.handles.lock().unwrap().get(&file_id).cloned() {
+            self.touch(file_id);
+            return Ok(Some(f));
         }
         let path = self.file_path(file_id);
         match File::open(&path) {
             Ok(f) => {
                 let f = Arc::new(f);
                 self.handles.lock().unwrap().insert(file_id, f.clone());
+                self.touch(file_id);
                 Ok(Some(f))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::io("open", path, e)),
         }
+    }
+
+    /// Entries of the handle, mapping and read-time maps (for memory stats).
+    pub fn counts(&self) -> (usize, usize, usize) {
+        (
+            self.handles.lock().unwrap().len(),
+            self.maps.lock().unwrap().len(),
+            self.used.lock().unwrap().len(),
+        )
     }
 
     /// Forgets a cached handle and mapping after the file was replaced,
@@ -391,6 +403,7 @@ impl LocalDir {
 
     pub fn remove(&self, file_id: u64) -> Result<()> {
         self.forget(file_id);
+        self.used.lock().unwrap().remove(&file_id);
         let path = self.file_path(file_id);
         match fs::remove_file(&path) {
             Ok(()) => Ok(()),

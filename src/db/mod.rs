@@ -137,6 +137,33 @@ pub struct Stats {
     pub attrs_etag: Option<String>,
 }
 
+/// Entry counts of the engine's main in-memory maps ([`S4db::memory_stats`]).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct MemoryStats {
+    /// Keys of the visible index.
+    pub index_keys: usize,
+    /// Data files this instance wrote or adopted and still tracks.
+    pub own_files: usize,
+    /// Key changes not committed yet (journal and in flight).
+    pub journal: usize,
+    /// Keys written since the last commit, with where they were before.
+    pub journal_base: usize,
+    /// Compaction moves not committed yet.
+    pub moves: usize,
+    /// Selected attribute records (one per key with attributes).
+    pub attr_records: usize,
+    /// Spare attribute records (other entries of a key, kept until provably stale).
+    pub attr_spare_records: usize,
+    pub attr_dirs: usize,
+    pub attr_links: usize,
+    /// Attribute changes not committed yet.
+    pub attr_journal: usize,
+    /// Open read handles, mappings and read times of local data files.
+    pub local_handles: usize,
+    pub local_maps: usize,
+    pub local_used: usize,
+}
+
 /// An open database. Cloning is cheap and shares everything.
 #[derive(Clone, Debug)]
 pub struct S4db {
@@ -1101,6 +1128,29 @@ impl S4db {
             dirs_with_attrs: state.attrs.dirs.len(),
             unsynced_attr_changes: state.attr_journal.len() + state.attr_inflight.len(),
             attrs_etag: state.attrs_etag.clone(),
+        }
+    }
+
+    /// Sizes of the engine's main in-memory maps, for `.s4db/stats` (what a
+    /// long-running mount keeps must follow the live data, not the history).
+    pub fn memory_stats(&self) -> MemoryStats {
+        let state = self.state();
+        let (local_handles, local_maps, local_used) =
+            state.local.as_ref().map_or((0, 0, 0), |l| l.counts());
+        MemoryStats {
+            index_keys: state.index.entries.len(),
+            own_files: state.files.len(),
+            journal: state.journal.len() + state.inflight.len(),
+            journal_base: state.journal_base.len(),
+            moves: state.moves.len(),
+            attr_records: state.attrs.files.len(),
+            attr_spare_records: state.attrs.spare.values().map(Vec::len).sum(),
+            attr_dirs: state.attrs.dirs.len(),
+            attr_links: state.attrs.links.len(),
+            attr_journal: state.attr_journal.len() + state.attr_inflight.len(),
+            local_handles,
+            local_maps,
+            local_used,
         }
     }
 

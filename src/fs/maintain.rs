@@ -125,7 +125,7 @@ impl S4Fs {
     }
 
     /// Compaction rounds while they find work (bounded).
-    async fn compact_turn(&self, opts: &CompactOptions) {
+    pub(super) async fn compact_turn(&self, opts: &CompactOptions) {
         for _ in 0..ROUNDS_PER_TURN {
             let round = self.db.compact_round(opts).await;
             if !matches!(&round, Ok(r) if !r.did_work())
@@ -172,7 +172,7 @@ impl S4Fs {
     /// Forgets per-file facts of data files the index no longer references
     /// (hint lookups, hint lengths) and sizes of entries that are gone, so
     /// memory follows the live data, not the history.
-    fn prune_memory(&self) {
+    pub(super) fn prune_memory(&self) {
         let hinted = lock(&self.hinted).len();
         let (files, keys): (HashSet<u64>, usize) = self
             .db
@@ -187,6 +187,56 @@ impl S4Fs {
         if let Err(e) = self.meta.prune(&files, keys, live) {
             tracing::warn!("cannot rewrite the value sizes file: {e}");
         }
+        self.prune_small_values();
+    }
+
+    /// Drops cached small values of entries the index no longer names (and
+    /// no open or detached inode reads): values of overwritten or deleted
+    /// keys, which nothing will ask for again.
+    pub(super) fn prune_small_values(&self) {
+        let cached = self.small_values.files();
+        if cached.is_empty() {
+            return;
+        }
+        let mut live: HashSet<(u64, u64)> = self.db.read_index(|idx| {
+            idx.values()
+                .filter(|l| cached.contains(&l.file_id))
+                .map(|l| (l.file_id, l.offset))
+                .collect()
+        });
+        live.extend(lock(&self.detached).values().map(|l| (l.file_id, l.offset)));
+        self.small_values
+            .retain(|l| live.contains(&(l.file_id, l.offset)));
+    }
+
+    /// The `memory` part of `.s4db/stats`: entries of the main in-memory
+    /// maps, which must follow the live data, not the history.
+    pub(super) fn memory_json(&self) -> serde_json::Value {
+        let (sizes, hint_files, hint_values) = self.meta.usage();
+        let (small_values, small_value_bytes) = self.small_values.usage();
+        let mut v = serde_json::to_value(self.db.memory_stats()).unwrap_or_default();
+        if let serde_json::Value::Object(m) = &mut v {
+            let fs = serde_json::json!({
+                "inodes": lock(&self.inodes).bound().len(),
+                "open_files": lock(&self.open_files).len(),
+                "handles": lock(&self.handles).len(),
+                "served": lock(&self.served).len(),
+                "cached": lock(&self.cached).len(),
+                "detached": lock(&self.detached).len(),
+                "hinted": lock(&self.hinted).len(),
+                "resolving": lock(&self.resolving).len(),
+                "value_sizes": sizes,
+                "hint_files": hint_files,
+                "hint_values": hint_values,
+                "small_values": small_values,
+                "small_value_bytes": small_value_bytes,
+            });
+            if let serde_json::Value::Object(fs) = fs {
+                m.extend(fs);
+            }
+            m.insert("rss_bytes".into(), serde_json::json!(rss_bytes()));
+        }
+        v
     }
 
     /// The `maintenance` part of `.s4db/stats`.
@@ -220,4 +270,12 @@ impl S4Fs {
         }
         v
     }
+}
+
+/// The process's resident memory (`VmRSS`), when the system says.
+fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }

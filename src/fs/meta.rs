@@ -129,6 +129,18 @@ impl MetaCache {
         })
     }
 
+    /// Entries held: remembered sizes, data files with hint lengths, and
+    /// the values those hints cover.
+    pub fn usage(&self) -> (usize, usize, usize) {
+        let sizes = self.map.lock().unwrap().len();
+        let hinted = self.hinted.read().unwrap();
+        (
+            sizes,
+            hinted.len(),
+            hinted.values().map(FileHints::len).sum(),
+        )
+    }
+
     /// Takes the hint object of data file `file_id`.
     pub fn add_hints(&self, file_id: u64, hints: FileHints) {
         self.hinted.write().unwrap().insert(file_id, hints);

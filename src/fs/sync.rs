@@ -78,6 +78,7 @@ impl S4Fs {
             "refresh_interval_seconds": self.cfg.refresh_interval.map(|d| d.as_secs_f64()),
             "last_error": lock(&self.last_error).clone(),
             "maintenance": self.maintenance_json(),
+            "memory": self.memory_json(),
         })
     }
 

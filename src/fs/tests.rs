@@ -285,3 +285,74 @@ async fn compaction_keeps_sizes_and_mtimes() {
     let attr = f.fs.getattr(ino).await.unwrap();
     assert_eq!((attr.size, attr.mtime), (5, t));
 }
+
+/// A mount that runs for months: 600 uploads cycling through 10 keys, each
+/// read back, with compaction rounds between them. What the maps hold after
+/// a maintenance pass follows the 10 live keys, not the 600 uploads (the
+/// small-value cache used to keep every value written or fetched, and the
+/// eviction order a node per value ever taken).
+#[tokio::test]
+async fn memory_follows_the_live_data_not_the_uploads() {
+    const KEYS: usize = 10;
+    const UPLOADS: usize = 600;
+    let f = fixture(&[]).await;
+    // As the mount runs it with automatic uploads: a round publishes what
+    // is unsynced (the reads' access times).
+    let opts = crate::db::CompactOptions {
+        publish_unsynced: true,
+        ..Default::default()
+    };
+    for i in 0..UPLOADS {
+        let key = format!("k{}", i % KEYS);
+        f.write_file(&key, format!("value {i}").as_bytes())
+            .await
+            .unwrap();
+        f.fs.upload().await.unwrap();
+        // Half the values are never read back: they stay cached until
+        // overwritten, then nothing will ask for them again.
+        if i % 2 == 0 {
+            let data = f.read_file(&key).await.unwrap();
+            assert_eq!(data, format!("value {i}").as_bytes());
+        }
+        if i % 20 == 19 {
+            f.fs.compact_turn(&opts).await;
+        }
+    }
+    let cached = f.fs.memory_json()["small_values"].as_u64().unwrap() as usize;
+    assert!(cached > UPLOADS / 3, "values of overwritten keys: {cached}");
+    f.fs.prune_memory();
+    let m = f.fs.memory_json();
+    let n = |k: &str| m[k].as_u64().unwrap_or_else(|| panic!("{k} in {m}")) as usize;
+    assert_eq!(n("index_keys"), KEYS);
+    assert!(n("small_values") <= KEYS, "{m}");
+    assert!(
+        n("small_value_bytes") <= KEYS * (64 + value_cache::ENTRY_OVERHEAD),
+        "{m}"
+    );
+    let files = f.fs.db().stats().data_files;
+    assert!(
+        files < 2 * KEYS,
+        "compaction keeps the data files few: {files}"
+    );
+    for k in [
+        "own_files",
+        "local_handles",
+        "local_maps",
+        "local_used",
+        "hinted",
+    ] {
+        assert!(
+            n(k) <= files + 2,
+            "{k} follows the data files ({files}): {m}"
+        );
+    }
+    for k in [
+        "attr_records",
+        "attr_spare_records",
+        "served",
+        "cached",
+        "inodes",
+    ] {
+        assert!(n(k) <= 2 * KEYS, "{k} follows the keys: {m}");
+    }
+}
