@@ -11,7 +11,7 @@
 
 use super::S4db;
 use crate::error::Result;
-use crate::format::{data_file_name, entry_value_len, scan_entries};
+use crate::format::{data_file_name, entry_value_len};
 use crate::remote::{PutCondition, StoreError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -118,32 +118,51 @@ fn decode(data: &[u8]) -> Option<FileHints> {
     Some(FileHints::new(published, pairs))
 }
 
+/// The value length of every live entry of the local data file at `path`,
+/// read from the entries' heads only (a pread of each head, the values
+/// skipped), so a 4 GiB file costs no more memory than its entry count.
+/// Stops at the first entry that does not frame (a file being cut).
+fn value_lengths(path: &std::path::Path, name: &str) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(path)?;
+    let size = file.metadata()?.len();
+    let mut out = Vec::new();
+    let mut pos = crate::format::HEADER_SIZE;
+    let mut frame = [0u8; 9];
+    while pos + crate::format::ENTRY_OVERHEAD <= size {
+        file.read_exact_at(&mut frame, pos)?;
+        let key_len = u32::from_be_bytes(frame[1..5].try_into().expect("4 bytes")) as u64;
+        let value_len = u32::from_be_bytes(frame[5..9].try_into().expect("4 bytes")) as u64;
+        let total = crate::format::ENTRY_OVERHEAD + key_len + value_len;
+        if key_len > crate::format::MAX_KEY_BYTES as u64 || pos + total > size {
+            break;
+        }
+        if frame[0] & crate::format::FLAG_TOMBSTONE == 0 {
+            let head_len = crate::format::entry_head_len(key_len as usize).min(total);
+            let mut head = vec![0u8; head_len as usize];
+            file.read_exact_at(&mut head, pos)?;
+            match entry_value_len(name, pos, &head) {
+                Ok(len) => out.push((pos, len)),
+                Err(_) => break,
+            }
+        }
+        pos += total;
+    }
+    Ok(out)
+}
+
 impl S4db {
     /// Publishes the hint object of local data file `file_id` (just
     /// uploaded). Best effort: a failure only costs range GETs later.
     pub(crate) async fn publish_hints(&self, file_id: u64, local: &super::LocalDir) {
         let path = local.file_path(file_id);
         let name = data_file_name(file_id);
-        let lengths = match std::fs::read(&path) {
-            Ok(data) => scan_entries(&name, &data).map(|scan| {
-                scan.entries
-                    .iter()
-                    .filter(|e| !e.tombstone)
-                    .filter_map(|e| {
-                        let bytes = &data[e.offset as usize..(e.offset + e.length as u64) as usize];
-                        entry_value_len(&name, e.offset, bytes)
-                            .ok()
-                            .map(|len| (e.offset, len))
-                    })
-                    .collect::<Vec<_>>()
-            }),
+        let lengths = match value_lengths(&path, &name) {
+            Ok(l) => l,
             Err(e) => {
                 tracing::warn!("no hints for {name}: reading {}: {e}", path.display());
                 return;
             }
-        };
-        let Ok(lengths) = lengths else {
-            return;
         };
         let body = encode(SystemTime::now(), &lengths);
         let key = self.object_key(&hint_name(file_id));
@@ -206,6 +225,27 @@ impl S4db {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn value_lengths_come_from_entry_heads_alone() {
+        use crate::format::{encode_entry, encode_file_header, write_raw_entry, Value};
+        let mut data = encode_file_header(7).to_vec();
+        encode_entry(&mut data, "text", Some(&Value::from("hello hello hello")));
+        encode_entry(&mut data, "gone", None);
+        encode_entry(&mut data, "bin", Some(&Value::from(vec![0u8, 1, 2, 255])));
+        let raw_at = data.len() as u64;
+        write_raw_entry(&mut data, "raw", &mut &[7u8; 100][..], 100, true).unwrap();
+        let torn = data.len();
+        encode_entry(&mut data, "torn", Some(&Value::from("cut off")));
+        data.truncate(torn + 5);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.s4db");
+        std::fs::write(&path, &data).unwrap();
+        let got = value_lengths(&path, "f.s4db").unwrap();
+        let lens: Vec<u64> = got.iter().map(|(_, l)| *l).collect();
+        assert_eq!(lens, vec![17, 4, 100]);
+        assert_eq!(got[2].0, raw_at);
+    }
 
     #[test]
     fn hints_round_trip_and_reject_damage() {
