@@ -201,8 +201,10 @@ impl Filesystem for FuseAdapter {
                 | consts::FUSE_BIG_WRITES
                 | consts::FUSE_ATOMIC_O_TRUNC
                 | consts::FUSE_PARALLEL_DIROPS
-                | consts::FUSE_DO_READDIRPLUS
-                | consts::FUSE_READDIRPLUS_AUTO,
+                // Always READDIRPLUS (not _AUTO, which falls back to plain
+                // readdir after a directory's first batch): a walk that
+                // stats every entry then needs no lookup per name.
+                | consts::FUSE_DO_READDIRPLUS,
         );
         let _ = config.set_max_write(MAX_WRITE);
         let _ = config.set_max_background(64);

@@ -7,8 +7,14 @@
 
 use super::*;
 
-/// Bytes of entries one scan read-ahead fetches (one range GET).
-pub const WINDOW: u64 = 1024 * 1024;
+/// Bytes of entries one scan read-ahead fetches (one range GET). Large
+/// enough that a reader going in name order through files stored in
+/// another order (`cp -r` writes in the source's directory order) rarely
+/// falls off the window's edges.
+pub const WINDOW: u64 = 4 * 1024 * 1024;
+/// Dead bytes (overwritten or deleted entries) a read-ahead reads through
+/// rather than starting another GET.
+const GAP: u64 = 64 * 1024;
 /// Segments of data files whose offset → key maps are kept (being scanned).
 const MAPS: usize = 4;
 /// Bytes of a data file one offset → key map covers.
@@ -80,7 +86,7 @@ impl S4Fs {
                 continue;
             }
             let next_end = offset + *length as u64;
-            if *length > SMALL_ENTRY || next_end - loc.offset > WINDOW || *offset > end + 4096 {
+            if *length > SMALL_ENTRY || next_end - loc.offset > WINDOW || *offset > end + GAP {
                 break; // too large, past the window, or a gap: one contiguous GET
             }
             let l = Location {
