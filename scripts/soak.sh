@@ -10,7 +10,8 @@
 # Each upload writes (or overwrites) one of KEYS files, so the live data stays the same
 # size while the history grows: what must stay flat is what the history costs.
 #
-# Writes target/soak/soak.csv and, with matplotlib (.venv-test/bench, made on first use
+# Writes target/soak/soak.csv (and both mounts' map sizes, `.s4db/stats` "memory", to
+# target/soak/memory.jsonl) and, with matplotlib (.venv-test/bench, made on first use
 # as for bench_chart.py), target/soak/soak.png. Runs against one local moto_server;
 # S4DB_BENCH_BIN picks the binaries (default: a fresh release build).
 set -euo pipefail
@@ -91,15 +92,29 @@ fresh_listing() {
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 
 CSV="$OUT/soak.csv"
-echo "uploads,elapsed_s,objects,data_objects,fresh_ls_requests,fresh_ls_seconds,files_listed,writer_rss_kb,reader_rss_kb,local_dir_bytes,compactions,objects_deleted" >"$CSV"
+MEM="$OUT/memory.jsonl"
+: >"$MEM"
+echo "uploads,elapsed_s,objects,data_objects,fresh_ls_requests,fresh_ls_seconds,files_listed,writer_rss_kb,reader_rss_kb,local_dir_bytes,compactions,objects_deleted,reader_gets" >"$CSV"
 T0=$(date +%s.%N)
 sample() {
   local objs fresh stats
   read -r objs data < <(count_objects)
   read -r reqs secs listed < <(fresh_listing)
   stats=$("$PY" -c 'import json,sys; m=json.load(open(sys.argv[1]))["maintenance"]; print(m["compactions"], m["objects_deleted"])' "$WORK/w/.s4db/stats")
+  # Both mounts' map sizes (.s4db/stats "memory") to memory.jsonl; the reader's GETs
+  # (index and hint objects: it keeps refreshing) to the CSV.
+  local gets
+  gets=$("$PY" - "$1" "$WORK/w/.s4db/stats" "$WORK/r/.s4db/stats" "$MEM" <<'PY'
+import json, sys
+n, w, r, out = sys.argv[1:]
+w, r = json.load(open(w)), json.load(open(r))
+with open(out, "a") as f:
+    f.write(json.dumps({"uploads": int(n), "writer": w.get("memory"), "reader": r.get("memory")}) + "\n")
+print(r["s3_requests"]["get"])
+PY
+)
   local line
-  line="$1,$(echo "$(date +%s.%N) - $T0" | bc),$objs,$data,$reqs,$secs,$listed,$(rss_kb "$WPID"),$(rss_kb "$RPID"),$(du -sb "$WORK/w-local" | cut -f1),${stats// /,}"
+  line="$1,$(echo "$(date +%s.%N) - $T0" | bc),$objs,$data,$reqs,$secs,$listed,$(rss_kb "$WPID"),$(rss_kb "$RPID"),$(du -sb "$WORK/w-local" | cut -f1),${stats// /,},$gets"
   echo "$line" >>"$CSV"
   echo "soak: $line"
 }
@@ -119,4 +134,4 @@ done
 sleep 12
 sample "$UPLOADS"
 "$PY" scripts/soak_chart.py "$CSV" "$OUT/soak.png" || echo "soak: no chart (matplotlib unavailable)"
-echo "soak: $CSV"
+echo "soak: $CSV, $MEM"

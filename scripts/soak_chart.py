@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Charts of scripts/soak.sh's CSV: object count, a fresh mount's `ls -lR` cost, the
-writer daemon's RSS and its local directory, against uploads made.
+writer's and the reader's RSS and the writer's local directory, against uploads made.
 
     scripts/soak_chart.py target/soak/soak.csv target/soak/soak.png
 
@@ -48,12 +48,15 @@ def main():
     series = [
         ("objects in the bucket", [int(r["objects"]) for r in rows], "objects"),
         ("fresh mount: S3 requests of ls -lR", [int(r["fresh_ls_requests"]) for r in rows], "requests"),
-        ("writer daemon RSS", [int(r["writer_rss_kb"]) / 1024 for r in rows], "MiB"),
+        ("daemon RSS: writer, reader (dashed)", [int(r["writer_rss_kb"]) / 1024 for r in rows], "MiB"),
         ("writer local directory", [int(r["local_dir_bytes"]) / 2**20 for r in rows], "MiB"),
     ]
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)
     for ax, (title, ys, unit) in zip(axes.flat, series):
         ax.plot(x, ys, marker="o", markersize=3)
+        if unit == "MiB" and title.startswith("daemon RSS"):
+            ax.plot(x, [int(r["reader_rss_kb"]) / 1024 for r in rows], marker="o", markersize=3,
+                    linestyle="--")
         ax.set_title(title, fontsize=10)
         ax.set_ylabel(unit)
         ax.set_ylim(bottom=0)

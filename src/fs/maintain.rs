@@ -188,6 +188,7 @@ impl S4Fs {
             tracing::warn!("cannot rewrite the value sizes file: {e}");
         }
         self.prune_small_values();
+        return_free_memory();
     }
 
     /// Drops cached small values of entries the index no longer names (and
@@ -278,4 +279,18 @@ fn rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// Hands the allocator's free pages back to the system. glibc keeps what a
+/// burst freed (an upload's buffers, a compaction's copies, a listing) in
+/// each thread's arena, and trims only an arena's top, so a long-running
+/// daemon's RSS creeps up with the bursts it has seen although what it
+/// holds stays the same; `malloc_trim` releases the free pages inside every
+/// arena too.
+fn return_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }

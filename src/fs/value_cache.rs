@@ -17,7 +17,9 @@ use std::sync::Mutex;
 /// Entries up to this size are fetched whole when their size is needed.
 pub const SMALL_ENTRY: u32 = 1024 * 1024;
 /// Bytes of values kept at most (with their overhead); the oldest go first.
-const BUDGET: usize = 64 * 1024 * 1024;
+/// Sixteen scan windows or neighbour fetches ([`super::scan::WINDOW`]): the
+/// reads that follow take their values within moments.
+const BUDGET: usize = 16 * 1024 * 1024;
 /// What one entry costs beyond its value's bytes: a hash-map slot (location
 /// and value, 56 bytes), an eviction-order node (about 40), allocator headers.
 pub const ENTRY_OVERHEAD: usize = 128;
