@@ -403,8 +403,14 @@ impl S4Fs {
             Some(l) => l,
             None => loc.ok_or(FsError::NotFound)?,
         };
-        let (mut a, mut size) = self.file_attrs_at(path, loc).await?;
-        self.served(ino, Some(loc), self.db.attrs_at(path, loc));
+        let m = self.value_meta(path, loc).await?;
+        let record = self.db.attrs_at(path, loc);
+        let mut size = m.len;
+        let mut a = match &record {
+            Some(a) => (**a).clone(),
+            None => self.default_file_attrs(m.mtime),
+        };
+        self.served(ino, Some(loc), record);
         if let Some((len, mtime)) = size_now {
             // Unput bytes of an open file: what a close will put.
             size = len;
