@@ -2009,3 +2009,77 @@ mod incremental {
         assert_eq!(get(&fresh, "unsynced").await, Some(text("two")));
     }
 }
+
+// ------------------------------------------------------- memory over time
+
+mod memory {
+    use super::*;
+    use s4db::db::attrs::{Attrs, FileKind, Op as DbOp};
+    use s4db::db::CompactOptions;
+
+    /// A writer that always has a write on its way (the mount's case: each
+    /// upload is followed by the next write) and a second writer that
+    /// commits access times of entries it saw before a compaction replaced
+    /// their files: its commit hands their records back to the writer as
+    /// spare records. gc deletes the files, and the records must go with
+    /// them although the writer is never quiet; they used to pile up, one
+    /// per replaced entry (gc pruned them only with nothing unsynced).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn spare_attribute_records_follow_the_live_data_while_writes_keep_coming() {
+        const KEYS: usize = 10;
+        let b = Backend::local();
+        let (wdir, rdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let writer = b.open("p", with_dir(wdir.path())).await;
+        let reader = b.open("p", with_dir(rdir.path())).await;
+        let opts = CompactOptions {
+            min_files: 2,
+            publish_unsynced: true,
+            ..CompactOptions::default()
+        };
+        let put = |i: usize| DbOp::Put {
+            key: format!("k{}", i % KEYS),
+            value: text(&format!("value {i}")),
+            attrs: Some(Attrs::new(FileKind::Regular, 0o644, 1, 1)),
+        };
+        let mut most = 0;
+        for round in 0..40 {
+            for j in 0..KEYS {
+                writer.write(vec![put(round * KEYS + j)]).unwrap();
+                writer.upload().await.unwrap();
+            }
+            // The reader's access times, of the entries it saw before the
+            // writer's next compaction replaced their files: its commit hands
+            // their records back to the writer.
+            reader.refresh().await.unwrap();
+            writer.write(vec![put(round * KEYS)]).unwrap();
+            writer.compact_round(&opts).await.unwrap();
+            let touched: Vec<DbOp> = (0..KEYS)
+                .filter_map(|j| {
+                    let key = format!("k{j}");
+                    let mut a = (*reader.attrs(&key)?).clone();
+                    a.atime = std::time::SystemTime::now();
+                    Some(DbOp::SetAttrs { key, attrs: a })
+                })
+                .collect();
+            reader.write(touched).unwrap();
+            reader.upload().await.unwrap();
+            // The next write is on its way while gc runs.
+            writer.write(vec![put(round * KEYS + 1)]).unwrap();
+            writer.upload().await.unwrap();
+            writer.write(vec![put(round * KEYS + 2)]).unwrap();
+            writer.gc_round(Duration::ZERO, 500).await.unwrap();
+            let m = writer.memory_stats();
+            assert_eq!(m.index_keys, KEYS);
+            if round >= 5 {
+                most = most.max(m.attr_spare_records);
+            }
+        }
+        assert!(
+            most <= 4 * KEYS,
+            "spare records follow the keys, not the {} uploads: {most}",
+            40 * (KEYS + 3)
+        );
+        writer.upload().await.unwrap();
+        assert_eq!(writer.keys().len(), KEYS);
+    }
+}

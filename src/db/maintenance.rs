@@ -641,15 +641,28 @@ impl S4db {
 
     /// Drops the attribute records whose entries are in data files that no
     /// longer exist (neither in `listed` nor written here) and that no key
-    /// names, and commits the smaller attribute object (skipped when writes
-    /// are unsynced, or on a lost race: the next gc tries again). Returns
-    /// how many records went.
+    /// names, and commits the smaller attribute object (on a lost race the
+    /// next gc tries again). With writes unsynced only the spare records go,
+    /// from memory: the next upload publishes the smaller table. (A mount
+    /// that always has a write on its way, or a second mount's access
+    /// times, kept handing back the spare records of every file compaction
+    /// replaced, so they piled up for as long as writes kept coming.)
+    /// Returns how many records went.
     async fn prune_dead_records(&self, listed: &HashSet<u64>, own: &HashSet<u64>) -> Result<usize> {
         let exists = |id: u64| listed.contains(&id) || own.contains(&id);
         let (bytes, condition, generation, mut table, pruned) = {
-            let state = self.state();
+            let mut state = self.state();
             if state.has_unsynced() {
-                return Ok(0);
+                // No upload runs (gc holds the maintenance lock), and a spare
+                // record is never the journal's: the table is ours to edit.
+                let mut pruned = 0;
+                state.attrs.prune_spare(|_, r| {
+                    let keep = exists(r.loc.file_id);
+                    pruned += usize::from(!keep);
+                    keep
+                });
+                state.attrs_object_stale |= pruned > 0;
+                return Ok(pruned);
             }
             let mut table = state.attrs.clone();
             let index = &state.index.entries;
