@@ -1096,6 +1096,16 @@ impl S4db {
         self.state().has_unsynced()
     }
 
+    /// Whether puts or deletes (not only attribute changes) are uncommitted:
+    /// a refresh may rebase attribute changes, record by record, at any time.
+    pub fn has_unsynced_data(&self) -> bool {
+        let state = self.state();
+        !state.journal.is_empty()
+            || !state.inflight.is_empty()
+            || state.index_rewritten
+            || state.files.values().any(|f| !f.published)
+    }
+
     pub fn stats(&self) -> Stats {
         let state = self.state();
         let files: std::collections::HashSet<u64> =

@@ -265,8 +265,17 @@ impl S4Fs {
         Ok(())
     }
 
-    /// New attributes for the file `key` and every other name of it.
+    /// New attributes for the file `key` and every other name of it,
+    /// published by the next upload (scheduled now).
     pub(super) fn set_file_attrs(&self, key: &str, a: Attrs) -> FsResult<()> {
+        self.write_file_attrs(key, a)?;
+        self.wrote();
+        Ok(())
+    }
+
+    /// [`S4Fs::set_file_attrs`] without scheduling an upload: the change
+    /// rides along with the next one (an atime, as `lazytime` keeps it).
+    fn write_file_attrs(&self, key: &str, a: Attrs) -> FsResult<()> {
         let mut names = vec![key.to_string()];
         if a.link_id != 0 {
             names = self.db.link_members(a.link_id);
@@ -282,12 +291,12 @@ impl S4Fs {
             })
             .collect();
         self.db.write(ops)?;
-        self.wrote();
         Ok(())
     }
 
     /// A read of the file's value: its atime moves as `relatime` would move
-    /// it (when it is not newer than the last change, or a day old). Only
+    /// it (when it is not newer than the last change, or a day old), and is
+    /// published with the next upload (at the latest at unmount). Only
     /// files that carry attributes: a read of a Python-written key never
     /// makes a record, so a read-only walk publishes nothing.
     pub(super) fn relatime(&self, ino: u64, path: &str, loc: Option<Location>) {
@@ -306,7 +315,9 @@ impl S4Fs {
         }
         let mut a = (*a).clone();
         a.atime = now;
-        if let Err(e) = self.set_file_attrs(path, a) {
+        // A read does not schedule an upload of its own: a mount that only
+        // reads never races a busy writer's commits with atimes.
+        if let Err(e) = self.write_file_attrs(path, a) {
             tracing::debug!("atime of {path:?}: {e}");
         }
     }

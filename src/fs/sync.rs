@@ -165,7 +165,7 @@ impl S4Fs {
                 Ok(())
             }
             ControlFile::Refresh => {
-                if db.has_unsynced_writes() {
+                if db.has_unsynced_data() {
                     return Err(crate::Error::Unsynced(
                         "refresh would mix in unpublished writes; write to .s4db/upload first"
                             .into(),
@@ -259,7 +259,8 @@ impl S4Fs {
         };
         loop {
             tokio::time::sleep(every).await;
-            if self.db.has_unsynced_writes() {
+            // Pending attribute changes alone (atimes) rebase record by record.
+            if self.db.has_unsynced_data() {
                 continue;
             }
             match self.refresh().await {
