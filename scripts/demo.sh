@@ -39,7 +39,7 @@ run cat "$MNT/hello.txt"
 printf '\n$ echo "written through the mount" > %s/new.txt\n' "$MNT"
 echo "written through the mount" > "$MNT/new.txt"
 run cat "$MNT/new.txt"
-run rm "$MNT/notes/todo.txt"
+run rm -f "$MNT/notes/todo.txt"
 # Attributes are kept in the bucket too: modes, owners, times, symlinks, empty directories.
 run chmod 600 "$MNT/new.txt"
 run ln -sfn hello.txt "$MNT/link.txt"
