@@ -928,7 +928,7 @@ impl S4Fs {
 /// FUSE adapter runs each call on its session thread until it first waits, so
 /// this wait moves the rest to a runtime worker and the session thread goes
 /// back to serving other requests.
-async fn off_session_thread() {
+pub(super) async fn off_session_thread() {
     tokio::task::yield_now().await;
 }
 

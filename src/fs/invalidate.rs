@@ -44,17 +44,20 @@ impl S4Fs {
     pub async fn refresh(&self) -> FsResult<bool> {
         let changed = self.db.refresh().await?;
         if changed {
-            self.invalidate_changed();
+            self.invalidate_changed().await;
         }
         Ok(changed)
     }
 
     /// Invalidates every inode the kernel holds whose name, value or
-    /// attributes are no longer what it was shown.
-    pub(super) fn invalidate_changed(&self) {
+    /// attributes are no longer what it was shown. Never from the FUSE
+    /// session thread: the kernel may hold a directory lock for a request
+    /// that thread has yet to read, and a notify waits for that lock.
+    pub(super) async fn invalidate_changed(&self) {
         let Some(inv) = lock(&self.invalidator).clone() else {
             return;
         };
+        super::files::off_session_thread().await;
         let bound = lock(&self.inodes).bound();
         let mut stale_names = Vec::new();
         let mut n = 0;

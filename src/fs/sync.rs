@@ -190,7 +190,7 @@ impl S4Fs {
             crate::metrics::global().upload_finished(taken, &uploaded);
             if uploaded.as_ref().is_ok_and(|r| r.rebases > 0) {
                 // The commit took in another writer's changes.
-                self.invalidate_changed();
+                self.invalidate_changed().await;
             }
             if let Err(e) = uploaded {
                 let mut first = lock(&self.first_unsynced);
