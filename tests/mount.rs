@@ -1870,3 +1870,38 @@ fn the_local_directory_is_private_to_its_owner() {
     sh_in(Path::new("/"), &cat).fails_with(&["Permission denied"]);
     m.unmount();
 }
+
+/// A read moves the atime as relatime would, without an upload of its own;
+/// the change is published with the next upload (here: at unmount), so a
+/// mount on another machine sees it.
+#[test]
+fn atime_moves_on_read_as_relatime_and_is_published_without_an_upload_of_its_own() {
+    let db = Db::new();
+    let m = Mount::on(&db).args(&["--upload-delay", "0.2"]).start();
+    m.sh("echo data > f && touch -a -d @981158400 f").ok();
+    m.upload();
+    m.unmount();
+
+    let m = Mount::on(&db).args(&["--upload-delay", "0.2"]).start();
+    assert_eq!(m.sh("stat -c %X f").ok().text(), "981158400\n");
+    m.sh("cat f > /dev/null").ok();
+    std::thread::sleep(Duration::from_millis(800));
+    let stats = m.stats();
+    assert_eq!(
+        stats["s3_requests"]["put"], 0,
+        "a read uploads nothing: {stats}"
+    );
+    m.unmount();
+
+    let fresh = Mount::on(&db).start();
+    let atime: u64 = fresh.sh("stat -c %X f").ok().text().trim().parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        now - atime < 60,
+        "atime {atime} was not moved by the read (now {now})"
+    );
+    fresh.unmount();
+}
