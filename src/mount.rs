@@ -866,6 +866,29 @@ fn advise(msg: String, args: &MountArgs) -> String {
     msg
 }
 
+/// Runs a background loop of the daemon (`make` starts it) for as long as
+/// the daemon lives: a panic in it is logged with what it was doing and the
+/// loop starts again a second later, so uploads never stop silently.
+fn supervise<F, Fut>(rt: &tokio::runtime::Handle, what: &'static str, make: F)
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let handle = rt.clone();
+    rt.spawn(async move {
+        loop {
+            match handle.spawn(make()).await {
+                Ok(()) => return,
+                Err(e) if e.is_panic() => {
+                    tracing::error!("{what} panicked; starting it again: {e}");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                Err(_) => return,
+            }
+        }
+    });
+}
+
 fn mount_options(args: &MountArgs, db: &str) -> Vec<MountOption> {
     let mut opts = vec![
         MountOption::FSName(format!("s4db:{db}")),
@@ -933,10 +956,20 @@ fn serve(
         args.mountpoint.display(),
         local_dir.display()
     );
-    rt.spawn(fs.clone().run_uploader());
-    rt.spawn(fs.clone().run_refresher());
+    let maintain = maintain_config(args, local_dir);
+    supervise(rt.handle(), "background upload", {
+        let fs = fs.clone();
+        move || fs.clone().run_uploader()
+    });
+    supervise(rt.handle(), "background refresh", {
+        let fs = fs.clone();
+        move || fs.clone().run_refresher()
+    });
     rt.spawn(fs.clone().preload_hints());
-    rt.spawn(fs.clone().run_maintainer(maintain_config(args, local_dir)));
+    supervise(rt.handle(), "background maintenance", {
+        let fs = fs.clone();
+        move || fs.clone().run_maintainer(maintain.clone())
+    });
     let unmounter = session.unmount_callable();
     rt.spawn(unmount_on_signal(unmounter, args.mountpoint.clone()));
     if let Some(listener) = metrics {
