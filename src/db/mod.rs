@@ -496,15 +496,11 @@ impl S4db {
         }
         let placed = match spans.is_empty() {
             true => Vec::new(),
-            false => match self.append_locked(&mut state, &buf, spans.clone()) {
-                Err(e) if is_disk_full(&e) => {
-                    drop(state);
-                    self.make_room(&e);
-                    state = self.state();
-                    self.append_locked(&mut state, &buf, spans)?
-                }
-                r => r?,
-            },
+            false => {
+                let placed;
+                (state, placed) = self.append_making_room(state, &buf, spans)?;
+                placed
+            }
         };
         let placed: Vec<Option<Location>> =
             slot_of.into_iter().map(|s| s.map(|i| placed[i])).collect();
@@ -533,16 +529,7 @@ impl S4db {
             encode_entry(&mut buf, &key, value.as_ref());
             spans.push((key, start, buf.len() - start, false));
         }
-        let mut state = self.state();
-        let placed = match self.append_locked(&mut state, &buf, spans.clone()) {
-            Err(e) if is_disk_full(&e) => {
-                drop(state);
-                self.make_room(&e);
-                state = self.state();
-                self.append_locked(&mut state, &buf, spans)?
-            }
-            r => r?,
-        };
+        let (mut state, placed) = self.append_making_room(self.state(), &buf, spans)?;
         let placed: Vec<Option<Location>> = placed.into_iter().map(Some).collect();
         after(&mut state, &placed);
         state.flush_attr_log();
@@ -603,14 +590,38 @@ impl S4db {
         Ok(loc)
     }
 
-    /// Appends encoded entries (`spans` index into `buf`), rolling files at the
-    /// soft size limit, then publishes them to the in-memory index.
-    fn append_locked(
+    /// Appends encoded entries (`spans` index into `buf`) and publishes them
+    /// to the in-memory index; when the local disk is full, once more after
+    /// [`S4db::make_room`] (the lock is let go meanwhile). Returns the state,
+    /// locked again, with the locations.
+    fn append_making_room<'a>(
+        &'a self,
+        mut state: MutexGuard<'a, State>,
+        buf: &[u8],
+        spans: Vec<(String, usize, usize, bool)>,
+    ) -> Result<(MutexGuard<'a, State>, Vec<Location>)> {
+        let placed = match self.write_locked(&mut state, buf, &spans) {
+            Err(e) if is_disk_full(&e) => {
+                drop(state);
+                self.make_room(&e);
+                state = self.state();
+                self.write_locked(&mut state, buf, &spans)?
+            }
+            r => r?,
+        };
+        let locations = record_placed(&mut state, placed, spans);
+        Ok((state, locations))
+    }
+
+    /// Writes the entries of `spans` to the active data file(s), rolling at
+    /// the soft size limit; returns (file, offset, span index) per entry. A
+    /// failed write is cut off again and nothing is recorded.
+    fn write_locked(
         &self,
         state: &mut State,
         buf: &[u8],
-        spans: Vec<(String, usize, usize, bool)>,
-    ) -> Result<Vec<Location>> {
+        spans: &[(String, usize, usize, bool)],
+    ) -> Result<Vec<(u64, u64, usize)>> {
         let local = self.local_dir_locked(state)?;
         let max = self.inner.opts.max_file_size;
         let mut placed = Vec::with_capacity(spans.len());
@@ -645,19 +656,7 @@ impl S4db {
             }
             active.len = len;
         }
-        let mut locations = Vec::with_capacity(placed.len());
-        // `placed` follows the spans' order: each key moves into the journal.
-        for ((file_id, offset, i), (key, _, n, tombstone)) in placed.into_iter().zip(spans) {
-            debug_assert_eq!(i, locations.len());
-            let loc = Location {
-                file_id,
-                offset,
-                length: n as u32,
-            };
-            state.record(key, (!tombstone).then_some(loc));
-            locations.push(loc);
-        }
-        Ok(locations)
+        Ok(placed)
     }
 
     /// Starts the next data file of this writer; recorded as pending first.
@@ -1167,4 +1166,25 @@ impl S4db {
     fn progress(&self) -> Option<&Arc<dyn Progress>> {
         self.inner.opts.progress.as_ref()
     }
+}
+
+/// Moves each placed entry's key into the journal (`placed` follows the
+/// spans' order) and returns the locations.
+fn record_placed(
+    state: &mut State,
+    placed: Vec<(u64, u64, usize)>,
+    spans: Vec<(String, usize, usize, bool)>,
+) -> Vec<Location> {
+    let mut locations = Vec::with_capacity(placed.len());
+    for ((file_id, offset, i), (key, _, n, tombstone)) in placed.into_iter().zip(spans) {
+        debug_assert_eq!(i, locations.len());
+        let loc = Location {
+            file_id,
+            offset,
+            length: n as u32,
+        };
+        state.record(key, (!tombstone).then_some(loc));
+        locations.push(loc);
+    }
+    locations
 }
