@@ -1485,6 +1485,83 @@ fn large_cold_reads_fetch_parts_in_parallel_and_a_bad_crc_fails_with_eio() {
     m.unmount();
 }
 
+// ============================================================ write-behind
+
+/// The multipart uploads moto holds for `db`'s bucket.
+fn open_uploads(db: &Db) -> usize {
+    let (status, body) = db
+        .moto
+        .request("GET", &format!("/{}?uploads", db.bucket), b"");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    String::from_utf8_lossy(&body).matches("<Upload>").count()
+}
+
+/// Polls `what` (up to 30 s) until `done` holds for it.
+#[track_caller]
+fn until<T: std::fmt::Debug>(what: impl Fn() -> T, done: impl Fn(&T) -> bool) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = what();
+        if done(&got) {
+            return got;
+        }
+        assert!(Instant::now() < deadline, "still {got:?} after 30 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Write-behind: the parts of a large file go up while it is written
+/// (nothing is published before the upload), a part written again after it
+/// was sent is sent again at the upload, and the object then reads back byte
+/// for byte on a fresh mount. A large file removed while open leaves no
+/// multipart upload behind.
+#[test]
+fn a_large_file_goes_up_while_it_is_written() {
+    const MIB: usize = 1024 * 1024;
+    let db = Db::new();
+    let m = Mount::on(&db).args(&["--upload-delay", "never"]).start();
+    let mut big = noise(40 * MIB);
+    let mut f = fs::File::create(m.path("big")).unwrap();
+    for chunk in big.chunks(MIB) {
+        f.write_all(chunk).unwrap();
+    }
+    // Data-file bytes 8 to 40 MiB are parts 2 to 5 (8 MiB parts): sent
+    // while the file is still open.
+    let puts = || m.stats()["s3_requests"]["put"].as_u64().unwrap();
+    until(puts, |n| *n >= 4);
+    assert!(db.data_objects().is_empty(), "nothing published yet");
+    // Back into part 2, already sent.
+    f.write_all_at(b"written again", 10 * MIB as u64).unwrap();
+    big[10 * MIB..10 * MIB + 13].copy_from_slice(b"written again");
+    drop(f);
+    m.upload();
+    assert_eq!(open_uploads(&db), 0, "the upload was completed");
+    let local = db
+        .data_objects()
+        .into_iter()
+        .filter_map(|name| Some((fs::read(m.local_dir.join(&name)).ok()?, name)))
+        .find(|(bytes, _)| bytes.len() > 40 * MIB);
+    let (local, object) = local.expect("the large file's data file");
+    assert!(
+        db.get_object(&object) == local,
+        "object and local file differ"
+    );
+    m.unmount();
+    let m = Mount::on(&db).start();
+    assert!(m.read("big") == big, "the large file reads back different");
+
+    // Removed while open: its upload is aborted.
+    let mut gone = fs::File::create(m.path("gone")).unwrap();
+    for chunk in noise(24 * MIB).chunks(MIB) {
+        gone.write_all(chunk).unwrap();
+    }
+    until(|| open_uploads(&db), |n| *n == 1);
+    m.sh("rm gone").ok();
+    drop(gone);
+    until(|| open_uploads(&db), |n| *n == 0);
+    m.unmount();
+}
+
 /// A cold scan of many small files (`cat */*`, `tar c`, `grep -r`) takes the
 /// entries that follow in the data file in one range GET per MiB; a lone
 /// `cat` stays one GET of exactly its entry.

@@ -5,8 +5,10 @@
 mod common;
 
 use common::{noise, Moto, ACCESS_KEY, REGION, SECRET_KEY};
+use s4db::db::PartsAhead;
+use s4db::format::data_file_name;
 use s4db::format::Value;
-use s4db::remote::{ObjectStore, S3Config, S3Store};
+use s4db::remote::{EarlyUpload, ObjectStore, S3Config, S3Store};
 use s4db::{OpenOptions, S4db};
 use std::sync::Arc;
 use std::time::Duration;
@@ -79,6 +81,122 @@ async fn a_large_value_goes_up_in_parts_and_reads_back_identical() {
     assert_eq!(
         reader.get("small").await.unwrap(),
         Some(Value::Text("x".into()))
+    );
+}
+
+/// Waits (up to 10 s) until no multipart upload is left under `prefix`:
+/// an abandoned upload is aborted in the background.
+async fn until_no_uploads(store: &dyn ObjectStore, prefix: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = store.list_multipart_uploads(prefix).await.unwrap();
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "uploads left: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A large value whose parts went up while it was written (the mount's
+/// write-behind): the upload keeps the parts whose bytes match the finished
+/// data file and sends again one that does not, so the object is the local
+/// file byte for byte; a reservation the index has moved past (a later file
+/// already holds the key) is not used, and its upload is aborted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parts_sent_ahead_are_kept_when_they_match_and_sent_again_when_not() {
+    let moto = Moto::shared();
+    let store: Arc<dyn ObjectStore> = Arc::new(multipart_store(moto).await);
+    let dir = tempfile::tempdir().unwrap();
+    let opts = OpenOptions {
+        local_dir: Some(dir.path().to_path_buf()),
+        ..OpenOptions::default()
+    };
+    let db = S4db::open(store.clone(), "ahead/", opts).await.unwrap();
+    let key = "big";
+    let value = noise(23 * MIB as usize);
+    let part = 5 * MIB;
+    let value_at = S4db::own_file_value_offset(key);
+
+    // Sends parts `numbers` of `key`'s own data file, part 3 with a byte
+    // the value does not have.
+    let send_ahead = |file_id: u64| {
+        let (store, value) = (store.clone(), value.clone());
+        async move {
+            let object = format!("ahead/{}", data_file_name(file_id));
+            let upload_id = store.start_multipart_upload(&object).await.unwrap();
+            let mut parts = Vec::new();
+            for number in 2..=4u64 {
+                let start = ((number - 1) * part - value_at) as usize;
+                let mut bytes = value[start..start + part as usize].to_vec();
+                if number == 3 {
+                    bytes[100] ^= 1;
+                }
+                let sent = store
+                    .upload_part(&object, &upload_id, number as i32, bytes.into())
+                    .await
+                    .unwrap();
+                parts.push(sent);
+            }
+            EarlyUpload {
+                upload_id,
+                part_size: part,
+                parts,
+            }
+        }
+    };
+
+    let ahead = |file_id, upload| PartsAhead { file_id, upload };
+    let file_id = db.reserve_file_id().unwrap();
+    let early = send_ahead(file_id).await;
+    let len = value.len() as u64;
+    let loc = db
+        .put_own_file(key, &mut &value[..], len, true, None, ahead(file_id, early))
+        .unwrap();
+    assert_eq!((loc.file_id, loc.offset), (file_id, 9), "its own file");
+    db.upload().await.unwrap();
+    let object = format!("ahead/{}", data_file_name(file_id));
+    let local = std::fs::read(dir.path().join(data_file_name(file_id))).unwrap();
+    assert!(
+        store.get(&object).await.unwrap().data == local,
+        "object differs"
+    );
+    let etag = store.head(&object).await.unwrap().etag.unwrap();
+    assert!(etag.ends_with("-5\""), "five parts of 5 MiB: {etag}");
+    assert!(store
+        .list_multipart_uploads("ahead/")
+        .await
+        .unwrap()
+        .is_empty());
+    let reader = S4db::open(store.clone(), "ahead/", OpenOptions::default())
+        .await
+        .unwrap();
+    assert!(reader.get(key).await.unwrap() == Some(Value::Binary(value.clone())));
+
+    // Reserved, then the key is put the usual way into a later file: the
+    // reservation would put the newer value in an older file. Not used.
+    let stale = db.reserve_file_id().unwrap();
+    let early = send_ahead(stale).await;
+    db.put([(key, Value::Text("in between".into()))]).unwrap();
+    let loc = db
+        .put_own_file(key, &mut &value[..], len, true, None, ahead(stale, early))
+        .unwrap();
+    assert!(loc.file_id > stale, "{loc:?} not in {stale:x}");
+    until_no_uploads(&*store, "ahead/").await;
+    db.upload().await.unwrap();
+    let reader = S4db::open(store.clone(), "ahead/", OpenOptions::default())
+        .await
+        .unwrap();
+    assert!(reader.get(key).await.unwrap() == Some(Value::Binary(value)));
+    let objects = store.list("ahead/").await.unwrap();
+    assert!(
+        !objects
+            .iter()
+            .any(|o| o.key.ends_with(&data_file_name(stale))),
+        "{objects:?}"
     );
 }
 

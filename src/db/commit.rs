@@ -136,7 +136,19 @@ impl S4db {
                     .len();
                 let key = self.object_key(&name);
                 let condition = self.new_file_condition(f.unconditional);
-                match self.inner.store.put_file(&key, &path, condition).await {
+                // Parts sent while the file's one large value was written
+                // are kept; a failure aborts them and the retry sends all.
+                let early = self.state().early_uploads.remove(&id);
+                let put = match early {
+                    Some(early) => {
+                        let store = &self.inner.store;
+                        store
+                            .put_file_with_parts(&key, &path, condition, early)
+                            .await
+                    }
+                    None => self.inner.store.put_file(&key, &path, condition).await,
+                };
+                match put {
                     Ok(_) => {}
                     // An earlier attempt may have landed without us hearing back:
                     // the same bytes under our own name are a success.

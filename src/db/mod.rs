@@ -14,6 +14,7 @@ mod hints;
 mod incremental;
 mod local_dir;
 mod maintenance;
+mod own_file;
 mod readahead;
 mod recovery;
 mod retired;
@@ -38,6 +39,7 @@ pub use commit::UploadReport;
 pub use hints::FileHints;
 pub use incremental::{CompactOptions, MaintenanceStats, RoundReport};
 pub use maintenance::{CompactReport, RebuildReport};
+pub use own_file::PartsAhead;
 pub use retired::RETIRED_NAME;
 
 /// Default soft limit of a data file, as in the Python package.
@@ -549,13 +551,7 @@ impl S4db {
         attrs: Option<attrs::Attrs>,
     ) -> Result<Location> {
         validate_key(key)?;
-        let entry_len = len + key.len() as u64 + crate::format::ENTRY_OVERHEAD;
-        if entry_len > u32::MAX as u64 {
-            return Err(Error::ValueTooLarge {
-                key: key.chars().take(80).collect(),
-                len,
-            });
-        }
+        let entry_len = own_file::checked_entry_len(key, len)?;
         let mut state = self.state();
         let local = self.local_dir_locked(&mut state)?;
         let max = self.inner.opts.max_file_size;

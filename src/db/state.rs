@@ -82,6 +82,9 @@ pub(crate) struct State {
     /// first write: the committed index may still name that entry, so gc
     /// keeps its file while the write is unsynced.
     pub journal_base: HashMap<String, Change>,
+    /// Multipart uploads started ahead for unpublished data files holding
+    /// one large value each (`own_file`): the next upload finishes them.
+    pub early_uploads: HashMap<u64, crate::remote::EarlyUpload>,
 }
 
 impl State {
@@ -108,6 +111,7 @@ impl State {
             moves: HashMap::new(),
             attrs_object_stale: false,
             journal_base: HashMap::new(),
+            early_uploads: HashMap::new(),
         }
     }
 

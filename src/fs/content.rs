@@ -23,6 +23,14 @@ pub struct Content {
     spill_dir: PathBuf,
     /// While a large value is still arriving into the spill file.
     stream: Option<std::sync::Arc<super::stream::Stream>>,
+    /// The parts of a large value being written, on their way to S3.
+    behind: Option<super::write_behind::WriteBehind>,
+    /// Bytes the last put took: a write-behind started after it sends only
+    /// the parts past them again (a file put at every fsync is not sent
+    /// whole every time).
+    put_len: u64,
+    /// A write-behind could not start: the value goes up when published.
+    behind_refused: bool,
 }
 
 impl Content {
@@ -32,6 +40,9 @@ impl Content {
             len: 0,
             spill_dir: spill_dir.to_path_buf(),
             stream: None,
+            behind: None,
+            put_len: 0,
+            behind_refused: false,
         }
     }
 
@@ -41,6 +52,9 @@ impl Content {
             store: Store::Memory(bytes),
             spill_dir: spill_dir.to_path_buf(),
             stream: None,
+            behind: None,
+            put_len: 0,
+            behind_refused: false,
         };
         c.spill_if_large()?;
         Ok(c)
@@ -53,6 +67,9 @@ impl Content {
             len,
             spill_dir: spill_dir.to_path_buf(),
             stream: None,
+            behind: None,
+            put_len: 0,
+            behind_refused: false,
         }
     }
 
@@ -106,6 +123,40 @@ impl Content {
 
     pub fn is_spilled(&self) -> bool {
         matches!(self.store, Store::Spilled(_))
+    }
+
+    /// A second handle on the spill file, for reading parts beside writes.
+    pub fn spill_handle(&self) -> Option<io::Result<File>> {
+        match &self.store {
+            Store::Spilled(f) => Some(f.try_clone()),
+            Store::Memory(_) => None,
+        }
+    }
+
+    pub fn write_behind(&mut self) -> Option<&mut super::write_behind::WriteBehind> {
+        self.behind.as_mut()
+    }
+
+    /// Whether a write-behind should be tried: large enough, none running.
+    pub fn wants_write_behind(&self, threshold: u64) -> bool {
+        self.behind.is_none() && !self.behind_refused && self.is_spilled() && self.len >= threshold
+    }
+
+    /// Installs a started write-behind, or (`None`) notes that it failed to.
+    pub fn set_write_behind(&mut self, behind: Option<super::write_behind::WriteBehind>) {
+        self.behind_refused = behind.is_none();
+        self.behind = behind;
+    }
+
+    /// Takes the write-behind for the put of the content as it is now.
+    pub fn take_write_behind(&mut self) -> Option<super::write_behind::WriteBehind> {
+        self.put_len = self.len;
+        self.behind.take()
+    }
+
+    /// Where a new write-behind's catch-up starts (see `put_len`).
+    pub fn put_len(&self) -> u64 {
+        self.put_len
     }
 
     /// Up to `size` bytes from `offset` (fewer at the end).

@@ -288,8 +288,10 @@ impl S4Fs {
             crate::format::data_file_name(loc.file_id)
         );
         let shared = Arc::new(file.try_clone()?);
+        // The parts are meant to be in flight together: past the coalescer,
+        // which would hold all but two of them back to merge them.
         let opened = stream::open(
-            self.db.store().clone(),
+            self.store.clone(),
             object,
             path,
             loc,
@@ -366,6 +368,8 @@ impl S4Fs {
                 let end = offset + data.len() as u64;
                 check_entry_size(&path, end)?;
                 content.write(offset, data)?;
+                self.write_behind(&path, content, offset, data.len() as u64)
+                    .await;
                 d.dirty = true;
                 d.mtime = SystemTime::now();
                 Ok(data.len() as u32)
@@ -380,6 +384,13 @@ impl S4Fs {
             return Ok(());
         }
         let (path, _) = self.node(ino)?;
+        // Parts of a large value already sent: kept if the value is still
+        // the one they were cut for (dropped, and so aborted, otherwise).
+        let behind = d.content.as_mut().and_then(|c| c.take_write_behind());
+        let ahead = match behind {
+            Some(behind) => behind.finish(&path).await,
+            None => None,
+        };
         let content = d.content.as_ref().expect("dirty content is loaded");
         let len = content.len();
         check_entry_size(&path, len)?;
@@ -404,13 +415,18 @@ impl S4Fs {
             // Too large to hold: streamed from the spill file as a raw entry.
             off_session_thread().await;
             let binary = !content.is_utf8()?;
-            let loc = self.db.put_from_reader(
-                &path,
-                &mut content.reader(),
-                len,
-                binary,
-                Some(attrs.clone()),
-            )?;
+            let attrs_of = Some(attrs.clone());
+            let loc = match ahead {
+                Some(ahead) => {
+                    let mut reader = content.reader();
+                    self.db
+                        .put_own_file(&path, &mut reader, len, binary, attrs_of, ahead)?
+                }
+                None => {
+                    self.db
+                        .put_from_reader(&path, &mut content.reader(), len, binary, attrs_of)?
+                }
+            };
             for other in &others {
                 self.db.put_from_reader(
                     other,
@@ -422,6 +438,9 @@ impl S4Fs {
             }
             (loc, binary)
         } else {
+            if let Some(ahead) = ahead {
+                self.db.abort_early_upload(ahead);
+            }
             let value = Value::from_bytes_guess(content.to_vec()?);
             let binary = value.is_binary();
             let mut ops = vec![Op::Put {

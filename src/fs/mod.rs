@@ -21,6 +21,7 @@ mod scan;
 mod special;
 pub mod stream;
 mod sync;
+pub mod write_behind;
 pub use sync::StatFs;
 pub mod value_cache;
 

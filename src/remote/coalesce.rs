@@ -288,6 +288,40 @@ impl ObjectStore for CoalescingStore {
         self.shared.inner.delete(key).await
     }
 
+    fn part_layout(&self) -> Option<super::PartLayout> {
+        self.shared.inner.part_layout()
+    }
+
+    async fn start_multipart_upload(&self, key: &str) -> StoreResult<String> {
+        self.shared.inner.start_multipart_upload(key).await
+    }
+
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        data: Bytes,
+    ) -> StoreResult<super::SentPart> {
+        self.shared
+            .inner
+            .upload_part(key, upload_id, number, data)
+            .await
+    }
+
+    async fn put_file_with_parts(
+        &self,
+        key: &str,
+        path: &Path,
+        condition: PutCondition,
+        early: super::EarlyUpload,
+    ) -> StoreResult<String> {
+        self.shared
+            .inner
+            .put_file_with_parts(key, path, condition, early)
+            .await
+    }
+
     async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
         self.shared.inner.head(key).await
     }

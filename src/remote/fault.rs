@@ -25,6 +25,10 @@ pub enum Op {
     ListUploads,
     /// Aborting a multipart upload.
     AbortUpload,
+    /// Starting a multipart upload.
+    StartUpload,
+    /// Sending one part of a multipart upload started ahead.
+    UploadPart,
 }
 
 /// What happens to a targeted call.
@@ -256,5 +260,46 @@ impl ObjectStore for FaultStore {
     async fn abort_multipart_upload(&self, key: &str, upload_id: &str) -> StoreResult<()> {
         let call = self.before(Op::AbortUpload, key).await?;
         call.finish(key, self.inner.abort_multipart_upload(key, upload_id).await)
+    }
+
+    fn part_layout(&self) -> Option<super::PartLayout> {
+        self.inner.part_layout()
+    }
+
+    async fn start_multipart_upload(&self, key: &str) -> StoreResult<String> {
+        let call = self.before(Op::StartUpload, key).await?;
+        call.finish(key, self.inner.start_multipart_upload(key).await)
+    }
+
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        data: Bytes,
+    ) -> StoreResult<super::SentPart> {
+        let call = self.before(Op::UploadPart, key).await?;
+        call.finish(
+            key,
+            self.inner.upload_part(key, upload_id, number, data).await,
+        )
+    }
+
+    /// A PUT, as [`ObjectStore::put_file`].
+    async fn put_file_with_parts(
+        &self,
+        key: &str,
+        path: &Path,
+        condition: PutCondition,
+        early: super::EarlyUpload,
+    ) -> StoreResult<String> {
+        let call = self.before(Op::Put, key).await?;
+        self.record_condition(key, &condition);
+        call.finish(
+            key,
+            self.inner
+                .put_file_with_parts(key, path, condition, early)
+                .await,
+        )
     }
 }

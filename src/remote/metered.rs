@@ -189,4 +189,51 @@ impl ObjectStore for MeteredStore {
     async fn abort_multipart_upload(&self, key: &str, upload_id: &str) -> StoreResult<()> {
         self.inner.abort_multipart_upload(key, upload_id).await
     }
+
+    fn part_layout(&self) -> Option<super::PartLayout> {
+        self.inner.part_layout()
+    }
+
+    async fn start_multipart_upload(&self, key: &str) -> StoreResult<String> {
+        self.inner.start_multipart_upload(key).await
+    }
+
+    /// A part sent ahead counts as a PUT of its bytes.
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        data: Bytes,
+    ) -> StoreResult<super::SentPart> {
+        bump(&self.counters.put);
+        let _gauge = crate::metrics::global().s3_start();
+        let started = Instant::now();
+        let sent = data.len() as u64;
+        let r = self.inner.upload_part(key, upload_id, number, data).await;
+        record("put", started, &r, 0, if r.is_ok() { sent } else { 0 });
+        r
+    }
+
+    /// Counted as one PUT, as [`ObjectStore::put_file`] is.
+    async fn put_file_with_parts(
+        &self,
+        key: &str,
+        path: &Path,
+        condition: PutCondition,
+        early: super::EarlyUpload,
+    ) -> StoreResult<String> {
+        bump(&self.counters.put);
+        let _gauge = crate::metrics::global().s3_start();
+        let started = Instant::now();
+        let size = std::fs::metadata(path).map_or(0, |m| m.len());
+        let kept: u64 = early.parts.iter().map(|p| p.len).sum();
+        let r = self
+            .inner
+            .put_file_with_parts(key, path, condition, early)
+            .await;
+        let sent = size.saturating_sub(kept);
+        record("put", started, &r, 0, if r.is_ok() { sent } else { 0 });
+        r
+    }
 }

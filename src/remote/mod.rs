@@ -71,6 +71,51 @@ pub struct PendingUpload {
     pub initiated: SystemTime,
 }
 
+/// How a store splits large objects into parts: files of at least
+/// `threshold` bytes go up in parts of `part_size`, `parts_in_flight` at a
+/// time. Only stores with multipart uploads have one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartLayout {
+    pub threshold: u64,
+    pub part_size: u64,
+    pub parts_in_flight: usize,
+}
+
+/// One part of a multipart upload that has been sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentPart {
+    /// 1-based, as S3 numbers parts.
+    pub number: i32,
+    pub etag: String,
+    /// The CRC32 checksum S3 returned (base64), when checksums are on: the
+    /// completion must repeat it.
+    pub checksum_crc32: Option<String>,
+    /// CRC-32 of the bytes sent, computed by the sender: what the finished
+    /// file's bytes at this part's place are checked against before the part
+    /// is kept.
+    pub crc: u32,
+    /// Bytes in the part.
+    pub len: u64,
+}
+
+/// A multipart upload started before its file was finished (the parts of a
+/// large file written through the mount go up while it is written): the
+/// parts already sent, which [`ObjectStore::put_file_with_parts`] keeps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EarlyUpload {
+    pub upload_id: String,
+    /// Every part but the last has exactly this size.
+    pub part_size: u64,
+    pub parts: Vec<SentPart>,
+}
+
+impl EarlyUpload {
+    /// Where part `number` starts in the file.
+    pub fn part_offset(&self, number: i32) -> u64 {
+        (number as u64 - 1) * self.part_size
+    }
+}
+
 /// Failures of an object store, by what the caller should do about them.
 /// Cloneable, so one failed request can answer each caller it served.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -167,6 +212,53 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     /// forward it.
     async fn abort_multipart_upload(&self, _key: &str, _upload_id: &str) -> StoreResult<()> {
         Ok(())
+    }
+
+    /// How this store splits large files into parts; `None` for stores
+    /// without multipart uploads (then the three calls below are not used).
+    /// Wrappers must forward it and them.
+    fn part_layout(&self) -> Option<PartLayout> {
+        None
+    }
+
+    /// Starts a multipart upload of `key`; returns its upload id.
+    async fn start_multipart_upload(&self, key: &str) -> StoreResult<String> {
+        Err(StoreError::io(
+            "start multipart upload of",
+            key,
+            "this store has no multipart uploads",
+        ))
+    }
+
+    /// Sends part `number` of an upload started with
+    /// [`ObjectStore::start_multipart_upload`].
+    async fn upload_part(
+        &self,
+        key: &str,
+        _upload_id: &str,
+        _number: i32,
+        _data: Bytes,
+    ) -> StoreResult<SentPart> {
+        Err(StoreError::io(
+            "upload part of",
+            key,
+            "this store has no multipart uploads",
+        ))
+    }
+
+    /// [`ObjectStore::put_file`], finishing `early`: its parts that fit the
+    /// file are kept, the others sent from the file, then the upload is
+    /// completed under `condition`. On failure the upload is aborted. The
+    /// caller vouches that each kept part holds the file's bytes at its place.
+    async fn put_file_with_parts(
+        &self,
+        key: &str,
+        path: &Path,
+        condition: PutCondition,
+        early: EarlyUpload,
+    ) -> StoreResult<String> {
+        let _ = self.abort_multipart_upload(key, &early.upload_id).await;
+        self.put_file(key, path, condition).await
     }
 }
 

@@ -577,19 +577,24 @@ impl S3Store {
         size: u64,
         condition: PutCondition,
     ) -> StoreResult<String> {
-        match (&condition, self.head(key).await) {
-            (PutCondition::None, _) => {}
-            (PutCondition::IfAbsent, Err(StoreError::NotFound { .. })) => {}
-            (PutCondition::IfMatch(etag), Ok(meta)) if meta.etag.as_ref() == Some(etag) => {}
-            (PutCondition::IfAbsent, Ok(_))
-            | (PutCondition::IfMatch(_), Ok(_) | Err(StoreError::NotFound { .. })) => {
-                return Err(StoreError::Conflict {
-                    key: key.to_string(),
-                })
-            }
-            (_, Err(e)) => return Err(e),
-        }
+        self.check_condition(key, &condition).await?;
         self.multipart_upload(key, path, size, condition).await
+    }
+
+    /// The HEAD before a multipart upload: a conflict the completion would
+    /// meet, found before any part is sent.
+    async fn check_condition(&self, key: &str, condition: &PutCondition) -> StoreResult<()> {
+        if *condition == PutCondition::None {
+            return Ok(());
+        }
+        match (condition, self.head(key).await) {
+            (PutCondition::IfAbsent, Err(StoreError::NotFound { .. })) => Ok(()),
+            (PutCondition::IfMatch(etag), Ok(meta)) if meta.etag.as_ref() == Some(etag) => Ok(()),
+            (_, Ok(_) | Err(StoreError::NotFound { .. })) => Err(StoreError::Conflict {
+                key: key.to_string(),
+            }),
+            (_, Err(e)) => Err(e),
+        }
     }
 
     /// [`Self::put_multipart`] without the HEAD: start, parts, complete (with
@@ -601,6 +606,14 @@ impl S3Store {
         size: u64,
         condition: PutCondition,
     ) -> StoreResult<String> {
+        let upload_id = self.create_upload(key).await?;
+        let part_size = self.part_size_for(size);
+        self.finish_upload(key, path, size, upload_id, part_size, Vec::new(), condition)
+            .await
+    }
+
+    /// CreateMultipartUpload: the new upload's id.
+    async fn create_upload(&self, key: &str) -> StoreResult<String> {
         let mut create = self
             .client
             .create_multipart_upload()
@@ -609,7 +622,7 @@ impl S3Store {
         if self.checksums == ChecksumMode::WhenSupported {
             create = create.checksum_algorithm(ChecksumAlgorithm::Crc32);
         }
-        let upload_id = create
+        create
             .send()
             .await
             .map_err(|e| self.map_error("start multipart upload of", key, &PutCondition::None, e))?
@@ -620,14 +633,29 @@ impl S3Store {
                     key,
                     "S3 response has no upload id",
                 )
-            })?;
+            })
+    }
+
+    /// Sends the parts of the file not in `kept`, then completes the upload;
+    /// aborts it on failure (or when dropped unfinished).
+    #[allow(clippy::too_many_arguments)]
+    async fn finish_upload(
+        &self,
+        key: &str,
+        path: &Path,
+        size: u64,
+        upload_id: String,
+        part_size: u64,
+        kept: Vec<CompletedPart>,
+        condition: PutCondition,
+    ) -> StoreResult<String> {
         let guard = AbortOnDrop {
             store: self.clone(),
             key: key.to_string(),
             upload_id: Some(upload_id.clone()),
         };
         let result = self
-            .upload_parts_and_complete(key, path, size, &upload_id, &condition)
+            .upload_parts_and_complete(key, path, size, &upload_id, part_size, kept, &condition)
             .await;
         match result {
             Ok(etag) => {
@@ -641,26 +669,33 @@ impl S3Store {
         }
     }
 
+    /// Sends every part of the file but those in `kept`, then completes.
+    #[allow(clippy::too_many_arguments)]
     async fn upload_parts_and_complete(
         &self,
         key: &str,
         path: &Path,
         size: u64,
         upload_id: &str,
+        part_size: u64,
+        kept: Vec<CompletedPart>,
         condition: &PutCondition,
     ) -> StoreResult<String> {
-        let part_size = self.part_size_for(size);
         let count = size.div_ceil(part_size).max(1);
-        let in_flight = self.parts_in_flight.min(count as usize);
+        let missing: Vec<u64> = (0..count)
+            .filter(|i| !kept.iter().any(|p| p.part_number == Some(*i as i32 + 1)))
+            .collect();
+        let in_flight = self.parts_in_flight.min(missing.len()).max(1);
         let timeout = self.send_timeout(part_size, in_flight);
-        let uploads = futures::stream::iter(0..count)
+        let uploads = futures::stream::iter(missing)
             .map(|i| {
                 let offset = i * part_size;
                 let len = part_size.min(size - offset);
-                self.upload_part(key, path, upload_id, i as i32 + 1, offset, len, timeout)
+                self.upload_file_part(key, path, upload_id, i as i32 + 1, offset, len, timeout)
             })
             .buffer_unordered(in_flight);
         let mut parts: Vec<CompletedPart> = uploads.try_collect().await?;
+        parts.extend(kept);
         parts.sort_by_key(|p| p.part_number);
         let expected_etag = multipart_etag(&parts);
 
@@ -712,7 +747,7 @@ impl S3Store {
     /// One part: `len` bytes of the file from `offset`, streamed from disk
     /// (and re-read on a retry).
     #[allow(clippy::too_many_arguments)]
-    async fn upload_part(
+    async fn upload_file_part(
         &self,
         key: &str,
         path: &Path,
@@ -735,6 +770,20 @@ impl S3Store {
                     format!("{} (part {number}): {}", path.display(), error_chain(&e)),
                 )
             })?;
+        self.send_part(key, upload_id, number, body, len, timeout)
+            .await
+    }
+
+    /// UploadPart of `body` (`len` bytes), under `timeout` per attempt.
+    async fn send_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        body: ByteStream,
+        len: u64,
+        timeout: Duration,
+    ) -> StoreResult<CompletedPart> {
         let mut request = self
             .client
             .upload_part()
@@ -997,6 +1046,91 @@ impl ObjectStore for S3Store {
                 )
             })?;
         self.send_put(key, body, size, condition).await
+    }
+
+    fn part_layout(&self) -> Option<crate::remote::PartLayout> {
+        Some(crate::remote::PartLayout {
+            threshold: self.multipart_threshold,
+            part_size: self.part_size,
+            parts_in_flight: self.parts_in_flight,
+        })
+    }
+
+    async fn start_multipart_upload(&self, key: &str) -> StoreResult<String> {
+        self.create_upload(key).await
+    }
+
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        data: Bytes,
+    ) -> StoreResult<crate::remote::SentPart> {
+        let len = data.len() as u64;
+        let crc = crc32fast::hash(&data);
+        let timeout = self.send_timeout(len, self.parts_in_flight);
+        let part = self
+            .send_part(key, upload_id, number, ByteStream::from(data), len, timeout)
+            .await?;
+        Ok(crate::remote::SentPart {
+            number,
+            etag: part.e_tag.unwrap_or_default(),
+            checksum_crc32: part.checksum_crc32,
+            crc,
+            len,
+        })
+    }
+
+    /// Keeps the parts of `early` that fit the file (every part but the last
+    /// is `part_size` bytes), sends the rest from the file and completes,
+    /// with the precondition checked as in [`S3Store::put_multipart`]. An
+    /// upload S3 cannot take (part size out of range, too many parts) is
+    /// aborted and the file sent as by `put_file`.
+    async fn put_file_with_parts(
+        &self,
+        key: &str,
+        path: &Path,
+        condition: PutCondition,
+        early: crate::remote::EarlyUpload,
+    ) -> StoreResult<String> {
+        let size = tokio::fs::metadata(path)
+            .await
+            .map_err(|e| {
+                StoreError::io(
+                    "read local file for",
+                    key,
+                    format!("{}: {e}", path.display()),
+                )
+            })?
+            .len();
+        let part_size = early.part_size;
+        let count = size.div_ceil(part_size).max(1);
+        if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&part_size) || count > MAX_PARTS {
+            abort_logged(self, key, &early.upload_id).await;
+            return self.put_file(key, path, condition).await;
+        }
+        if let Err(e) = self.check_condition(key, &condition).await {
+            abort_logged(self, key, &early.upload_id).await;
+            return Err(e);
+        }
+        let kept: Vec<CompletedPart> = early
+            .parts
+            .iter()
+            .filter(|p| {
+                let offset = early.part_offset(p.number);
+                p.number >= 1 && offset < size && p.len == part_size.min(size - offset)
+            })
+            .map(|p| {
+                CompletedPart::builder()
+                    .part_number(p.number)
+                    .e_tag(&p.etag)
+                    .set_checksum_crc32(p.checksum_crc32.clone())
+                    .build()
+            })
+            .collect();
+        self.finish_upload(key, path, size, early.upload_id, part_size, kept, condition)
+            .await
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {

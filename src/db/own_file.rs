@@ -1,0 +1,292 @@
+//! A large value in a data file of its own, whose parts went up to the store
+//! while the value was still being written.
+//!
+//! The filesystem sends the complete parts of a large file as they are
+//! written (a multipart upload started ahead, see `fs::write_behind`), so
+//! publishing it later sends only the first part (file and entry headers),
+//! the last (the CRC) and any part rewritten meanwhile. For that the parts
+//! must be cut from the data file the value will be in, before that file
+//! exists: the value goes into a data file of its own, whose id is reserved
+//! when the parts start ([`S4db::reserve_file_id`]) and whose layout is
+//! fixed by the key ([`S4db::own_file_value_offset`]).
+//!
+//! Order: a writer's later files must never hold an older version of a key
+//! (recovery replays and `rebuild-index` scans by file order). A reserved
+//! id is older than every file rolled after it, so the put refuses it (and
+//! writes the value the usual way) when the index already names the key in
+//! a later file, which only a compaction running meanwhile can do: every
+//! other put of the key goes through the same open file, which uses or drops
+//! its reservation.
+//!
+//! Nothing trusts the parts blindly: while the value is copied into its data
+//! file, the CRC-32 of each part's place is computed and compared with the
+//! CRC of the bytes that were sent; a part that differs is sent again.
+
+use super::{attrs, state::OwnFile, S4db};
+use crate::error::{Error, Result};
+use crate::format::{encode_file_header, Location, ENTRY_OVERHEAD, HEADER_SIZE};
+use crate::remote::EarlyUpload;
+use std::collections::HashMap;
+use std::io::{Read, Write};
+
+/// Bytes of an entry before its key: flags, key length, value length.
+const ENTRY_HEAD: u64 = 9;
+
+/// A multipart upload started ahead for reserved data file `file_id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartsAhead {
+    pub file_id: u64,
+    pub upload: EarlyUpload,
+}
+
+impl S4db {
+    /// Takes the next file id of this writer for a value that will be the
+    /// only entry of its data file ([`S4db::put_own_file`]). An id never
+    /// used leaves a gap in the sequence, which nothing minds.
+    pub fn reserve_file_id(&self) -> Result<u64> {
+        let mut state = self.state();
+        state.seq = state.seq.checked_add(1).ok_or_else(|| {
+            Error::Usage("this writer ran out of file sequence numbers; reopen the database".into())
+        })?;
+        Ok(crate::format::file_id(self.inner.writer_id, state.seq))
+    }
+
+    /// Where the value of `key` starts in a data file holding only it.
+    pub fn own_file_value_offset(key: &str) -> u64 {
+        HEADER_SIZE + ENTRY_HEAD + key.len() as u64
+    }
+
+    /// Puts a value of `len` bytes read from `src` as the only entry of data
+    /// file `ahead.file_id` (reserved with [`S4db::reserve_file_id`]), as
+    /// [`S4db::put_from_reader`] does otherwise. The next upload finishes
+    /// `ahead.upload` for this file, keeping the parts whose bytes match.
+    ///
+    /// When the reservation cannot be used (the file exists, or the index
+    /// names the key in a later file of this writer), the early upload is
+    /// aborted and the value put the usual way.
+    pub fn put_own_file(
+        &self,
+        key: &str,
+        src: &mut impl Read,
+        len: u64,
+        binary: bool,
+        attrs: Option<attrs::Attrs>,
+        ahead: PartsAhead,
+    ) -> Result<Location> {
+        let PartsAhead {
+            file_id,
+            upload: early,
+        } = ahead;
+        let entry_len = checked_entry_len(key, len)?;
+        let local = {
+            let mut state = self.state();
+            let later = state
+                .index
+                .entries
+                .get(key)
+                .is_some_and(|l| l.file_id > file_id && l.file_id >> 32 == file_id >> 32);
+            if later || state.files.contains_key(&file_id) {
+                drop(state);
+                self.abort_early_upload(PartsAhead {
+                    file_id,
+                    upload: early,
+                });
+                return self.put_from_reader(key, src, len, binary, attrs);
+            }
+            let local = self.local_dir_locked(&mut state)?;
+            local.add_pending(file_id)?;
+            local
+        };
+        // Written beside its final name and moved there whole, with no lock
+        // held: nothing knows the file until it is recorded below.
+        let mut tmp = local.temp_file()?;
+        let value_offset = Self::own_file_value_offset(key);
+        let mut parts = PartCrcs::new(src, value_offset, len, early.part_size);
+        let written = (|| {
+            let mut out = std::io::BufWriter::with_capacity(256 * 1024, tmp.as_file_mut());
+            out.write_all(&encode_file_header(file_id))?;
+            crate::format::write_raw_entry(&mut out, key, &mut parts, len as u32, binary)?;
+            out.flush()
+        })();
+        let installed = written
+            .map_err(|e| Error::io("write", local.file_path(file_id), e))
+            .and_then(|()| local.install(tmp, file_id));
+        if let Err(e) = installed {
+            self.abort_early_upload(PartsAhead {
+                file_id,
+                upload: early,
+            });
+            return Err(e);
+        }
+        let crcs = parts.finish();
+        let kept: Vec<_> = early
+            .parts
+            .iter()
+            .filter(|p| crcs.get(&p.number) == Some(&p.crc))
+            .cloned()
+            .collect();
+        if kept.len() < early.parts.len() {
+            tracing::debug!(
+                "{} of {} parts sent ahead for {key:?} differ from the file; they are sent again",
+                early.parts.len() - kept.len(),
+                early.parts.len()
+            );
+        }
+        let loc = Location {
+            file_id,
+            offset: HEADER_SIZE,
+            length: entry_len as u32,
+        };
+        let mut state = self.state();
+        state.files.insert(
+            file_id,
+            OwnFile {
+                published: false,
+                unconditional: false,
+                compacted: false,
+            },
+        );
+        state.early_uploads.insert(
+            file_id,
+            EarlyUpload {
+                parts: kept,
+                ..early
+            },
+        );
+        state.record(key.to_string(), Some(loc));
+        if let Some(a) = attrs {
+            attrs::set_record(&mut state, key, loc, a);
+        }
+        state.flush_attr_log();
+        Ok(loc)
+    }
+
+    /// Aborts a multipart upload started ahead for data file `file_id` that
+    /// will not be finished (in the background: nothing waits on it; what
+    /// fails to abort, gc aborts later).
+    pub fn abort_early_upload(&self, ahead: PartsAhead) {
+        let PartsAhead {
+            file_id,
+            upload: early,
+        } = ahead;
+        let store = self.inner.store.clone();
+        let key = self.object_key(&crate::format::data_file_name(file_id));
+        let upload_id = early.upload_id.clone();
+        let abort = async move {
+            if let Err(e) = store.abort_multipart_upload(&key, &upload_id).await {
+                tracing::warn!("{e}; gc aborts the upload later");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(abort);
+            }
+            Err(_) => tracing::warn!(
+                "multipart upload {} of data file {file_id:x} left unfinished (no runtime to abort it on); gc aborts it later",
+                early.upload_id
+            ),
+        }
+    }
+}
+
+/// Passes a value through while computing the CRC-32 of each part of the
+/// data file that lies wholly inside the value.
+struct PartCrcs<'a, R> {
+    src: &'a mut R,
+    /// Where the value starts in the data file, and its end.
+    value_offset: u64,
+    value_end: u64,
+    part_size: u64,
+    /// Data-file offset of the next byte read.
+    at: u64,
+    current: crc32fast::Hasher,
+    crcs: HashMap<i32, u32>,
+}
+
+impl<'a, R: Read> PartCrcs<'a, R> {
+    fn new(src: &'a mut R, value_offset: u64, len: u64, part_size: u64) -> Self {
+        PartCrcs {
+            src,
+            value_offset,
+            value_end: value_offset + len,
+            part_size: part_size.max(1),
+            at: value_offset,
+            current: crc32fast::Hasher::new(),
+            crcs: HashMap::new(),
+        }
+    }
+
+    /// The CRC of every part wholly inside the value, by part number.
+    fn finish(self) -> HashMap<i32, u32> {
+        self.crcs
+    }
+
+    fn take(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let part_start = self.at / self.part_size * self.part_size;
+            let part_end = part_start + self.part_size;
+            let n = bytes.len().min((part_end - self.at) as usize);
+            self.current.update(&bytes[..n]);
+            self.at += n as u64;
+            bytes = &bytes[n..];
+            if self.at == part_end {
+                let crc = std::mem::take(&mut self.current).finalize();
+                if part_start >= self.value_offset && part_end <= self.value_end {
+                    self.crcs
+                        .insert((part_start / self.part_size) as i32 + 1, crc);
+                }
+            }
+        }
+    }
+}
+
+impl<R: Read> Read for PartCrcs<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.src.read(buf)?;
+        self.take(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// The length of an entry holding a raw value of `len` bytes under `key`,
+/// or the error that it is too large for the format.
+pub(crate) fn checked_entry_len(key: &str, len: u64) -> Result<u64> {
+    let entry_len = len + key.len() as u64 + ENTRY_OVERHEAD;
+    if entry_len > u32::MAX as u64 {
+        return Err(Error::ValueTooLarge {
+            key: key.chars().take(80).collect(),
+            len,
+        });
+    }
+    Ok(entry_len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_crcs_cover_only_parts_inside_the_value() {
+        // Value at data-file offset 5, 40 bytes: parts of 10 bytes.
+        let value: Vec<u8> = (0..40u8).collect();
+        let mut src = &value[..];
+        let mut parts = PartCrcs::new(&mut src, 5, 40, 10);
+        let mut sink = Vec::new();
+        let mut buf = [0u8; 7];
+        loop {
+            let n = parts.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            sink.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(sink, value);
+        let crcs = parts.finish();
+        // Part 1 [0, 10) holds header bytes, part 5 [40, 50) runs past the end.
+        let mut numbers: Vec<i32> = crcs.keys().copied().collect();
+        numbers.sort();
+        assert_eq!(numbers, [2, 3, 4]);
+        assert_eq!(crcs[&2], crc32fast::hash(&value[5..15]));
+        assert_eq!(crcs[&4], crc32fast::hash(&value[25..35]));
+    }
+}
