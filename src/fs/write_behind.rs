@@ -13,7 +13,7 @@
 //! Memory stays at the parts in flight (`--max-threads`-like
 //! `parts_in_flight` × part size); parts waiting for a slot hold no bytes.
 //! When the file is closed, parts not started yet are left to the publish,
-//! those in flight are waited for. A write-behind that is dropped (the file
+//! those in flight are waited for (a little while). A write-behind that is dropped (the file
 //! unlinked, truncated to nothing, its content replaced) aborts its upload.
 
 use crate::db::{PartsAhead, S4db};
@@ -25,6 +25,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
+
+/// How long a close waits for the parts in flight.
+const FINISH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Debug)]
 pub struct WriteBehind {
@@ -177,8 +180,14 @@ impl WriteBehind {
         }
         self.closing.store(true, Ordering::Relaxed);
         self.slots.close();
-        for task in std::mem::take(&mut self.tasks) {
-            let _ = task.await;
+        // A close does not hang on a slow store: parts still in flight
+        // after FINISH_WAIT are left to the publish (a late one that lands
+        // anyway is refused by the completion, which names each part's ETag).
+        let tasks = std::mem::take(&mut self.tasks);
+        let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
+        let all = futures::future::join_all(tasks);
+        if tokio::time::timeout(FINISH_WAIT, all).await.is_err() {
+            aborts.iter().for_each(|a| a.abort());
         }
         self.finished = true;
         let parts = std::mem::take(&mut *super::lock(&self.sent));
