@@ -8,7 +8,7 @@ use common::{noise, Moto, ACCESS_KEY, REGION, SECRET_KEY};
 use s4db::db::PartsAhead;
 use s4db::format::data_file_name;
 use s4db::format::Value;
-use s4db::remote::{EarlyUpload, ObjectStore, S3Config, S3Store};
+use s4db::remote::{ObjectStore, S3Config, S3Store};
 use s4db::{OpenOptions, S4db};
 use std::sync::Arc;
 use std::time::Duration;
@@ -141,20 +141,21 @@ async fn parts_sent_ahead_are_kept_when_they_match_and_sent_again_when_not() {
                     .unwrap();
                 parts.push(sent);
             }
-            EarlyUpload {
+            PartsAhead {
+                file_id,
                 upload_id,
                 part_size: part,
-                parts,
+                sent: Box::pin(async move { parts }),
+                stop: Default::default(),
             }
         }
     };
 
-    let ahead = |file_id, upload| PartsAhead { file_id, upload };
     let file_id = db.reserve_file_id().unwrap();
     let early = send_ahead(file_id).await;
     let len = value.len() as u64;
     let loc = db
-        .put_own_file(key, &mut &value[..], len, true, None, ahead(file_id, early))
+        .put_own_file(key, &mut &value[..], len, true, None, early)
         .unwrap();
     assert_eq!((loc.file_id, loc.offset), (file_id, 9), "its own file");
     db.upload().await.unwrap();
@@ -182,7 +183,7 @@ async fn parts_sent_ahead_are_kept_when_they_match_and_sent_again_when_not() {
     let early = send_ahead(stale).await;
     db.put([(key, Value::Text("in between".into()))]).unwrap();
     let loc = db
-        .put_own_file(key, &mut &value[..], len, true, None, ahead(stale, early))
+        .put_own_file(key, &mut &value[..], len, true, None, early)
         .unwrap();
     assert!(loc.file_id > stale, "{loc:?} not in {stale:x}");
     until_no_uploads(&*store, "ahead/").await;

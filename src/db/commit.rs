@@ -138,9 +138,10 @@ impl S4db {
                 let condition = self.new_file_condition(f.unconditional);
                 // Parts sent while the file's one large value was written
                 // are kept; a failure aborts them and the retry sends all.
-                let early = self.state().early_uploads.remove(&id);
-                let put = match early {
-                    Some(early) => {
+                let pending = self.state().early_uploads.remove(&id);
+                let put = match pending {
+                    Some(pending) => {
+                        let early = pending.settle().await;
                         let store = &self.inner.store;
                         store
                             .put_file_with_parts(&key, &path, condition, early)

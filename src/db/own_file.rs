@@ -18,25 +18,81 @@
 //! other put of the key goes through the same open file, which uses or drops
 //! its reservation.
 //!
-//! Nothing trusts the parts blindly: while the value is copied into its data
-//! file, the CRC-32 of each part's place is computed and compared with the
-//! CRC of the bytes that were sent; a part that differs is sent again.
+//! Parts may still be on their way when the value is put (a close does not
+//! wait for S3); the upload waits for them. Nothing trusts them blindly:
+//! while the value is copied into its data file, the CRC-32 of each part's
+//! place is computed, and the upload keeps only the parts whose sent bytes
+//! have that CRC; a part that differs is sent again.
 
 use super::{attrs, state::OwnFile, S4db};
 use crate::error::{Error, Result};
 use crate::format::{encode_file_header, Location, ENTRY_OVERHEAD, HEADER_SIZE};
-use crate::remote::EarlyUpload;
+use crate::remote::{EarlyUpload, SentPart};
+use futures::future::BoxFuture;
 use std::collections::HashMap;
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// Bytes of an entry before its key: flags, key length, value length.
 const ENTRY_HEAD: u64 = 9;
 
-/// A multipart upload started ahead for reserved data file `file_id`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A multipart upload started ahead for reserved data file `file_id`,
+/// whose parts may still be on their way.
 pub struct PartsAhead {
     pub file_id: u64,
-    pub upload: EarlyUpload,
+    pub upload_id: String,
+    /// Every part but the last has exactly this size.
+    pub part_size: u64,
+    /// Resolves to the parts sent, once every part still on its way has
+    /// landed or failed.
+    pub sent: BoxFuture<'static, Vec<SentPart>>,
+    /// Set to stop sending parts (the upload is being aborted).
+    pub stop: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for PartsAhead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartsAhead")
+            .field("file_id", &self.file_id)
+            .field("upload_id", &self.upload_id)
+            .field("part_size", &self.part_size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Parts ahead of an unpublished own file, with the CRC each part must have.
+#[derive(Debug)]
+pub(crate) struct PendingParts {
+    ahead: PartsAhead,
+    /// CRC-32 of the data file's bytes at each part wholly inside the value.
+    expected: HashMap<i32, u32>,
+}
+
+impl PendingParts {
+    /// Waits for the parts still on their way and keeps those that hold the
+    /// data file's bytes at their place; the others are sent again.
+    pub(crate) async fn settle(self) -> EarlyUpload {
+        let PendingParts { ahead, expected } = self;
+        let sent = ahead.sent.await;
+        let count = sent.len();
+        let parts: Vec<SentPart> = sent
+            .into_iter()
+            .filter(|p| expected.get(&p.number) == Some(&p.crc))
+            .collect();
+        if parts.len() < count {
+            tracing::debug!(
+                "{} of {count} parts sent ahead for data file {:x} differ from it; they are sent again",
+                count - parts.len(),
+                ahead.file_id
+            );
+        }
+        EarlyUpload {
+            upload_id: ahead.upload_id,
+            part_size: ahead.part_size,
+            parts,
+        }
+    }
 }
 
 impl S4db {
@@ -58,8 +114,10 @@ impl S4db {
 
     /// Puts a value of `len` bytes read from `src` as the only entry of data
     /// file `ahead.file_id` (reserved with [`S4db::reserve_file_id`]), as
-    /// [`S4db::put_from_reader`] does otherwise. The next upload finishes
-    /// `ahead.upload` for this file, keeping the parts whose bytes match.
+    /// [`S4db::put_from_reader`] does otherwise. The next upload waits for
+    /// the parts still on their way, keeps those whose bytes match the file
+    /// (their CRCs are computed here, while the value is copied) and sends
+    /// the rest.
     ///
     /// When the reservation cannot be used (the file exists, or the index
     /// names the key in a later file of this writer), the early upload is
@@ -73,10 +131,7 @@ impl S4db {
         attrs: Option<attrs::Attrs>,
         ahead: PartsAhead,
     ) -> Result<Location> {
-        let PartsAhead {
-            file_id,
-            upload: early,
-        } = ahead;
+        let file_id = ahead.file_id;
         let entry_len = checked_entry_len(key, len)?;
         let local = {
             let mut state = self.state();
@@ -87,10 +142,7 @@ impl S4db {
                 .is_some_and(|l| l.file_id > file_id && l.file_id >> 32 == file_id >> 32);
             if later || state.files.contains_key(&file_id) {
                 drop(state);
-                self.abort_early_upload(PartsAhead {
-                    file_id,
-                    upload: early,
-                });
+                self.abort_early_upload(ahead);
                 return self.put_from_reader(key, src, len, binary, attrs);
             }
             let local = self.local_dir_locked(&mut state)?;
@@ -101,7 +153,7 @@ impl S4db {
         // held: nothing knows the file until it is recorded below.
         let mut tmp = local.temp_file()?;
         let value_offset = Self::own_file_value_offset(key);
-        let mut parts = PartCrcs::new(src, value_offset, len, early.part_size);
+        let mut parts = PartCrcs::new(src, value_offset, len, ahead.part_size);
         let written = (|| {
             let mut out = std::io::BufWriter::with_capacity(256 * 1024, tmp.as_file_mut());
             out.write_all(&encode_file_header(file_id))?;
@@ -112,26 +164,10 @@ impl S4db {
             .map_err(|e| Error::io("write", local.file_path(file_id), e))
             .and_then(|()| local.install(tmp, file_id));
         if let Err(e) = installed {
-            self.abort_early_upload(PartsAhead {
-                file_id,
-                upload: early,
-            });
+            self.abort_early_upload(ahead);
             return Err(e);
         }
-        let crcs = parts.finish();
-        let kept: Vec<_> = early
-            .parts
-            .iter()
-            .filter(|p| crcs.get(&p.number) == Some(&p.crc))
-            .cloned()
-            .collect();
-        if kept.len() < early.parts.len() {
-            tracing::debug!(
-                "{} of {} parts sent ahead for {key:?} differ from the file; they are sent again",
-                early.parts.len() - kept.len(),
-                early.parts.len()
-            );
-        }
+        let expected = parts.finish();
         let loc = Location {
             file_id,
             offset: HEADER_SIZE,
@@ -146,13 +182,9 @@ impl S4db {
                 compacted: false,
             },
         );
-        state.early_uploads.insert(
-            file_id,
-            EarlyUpload {
-                parts: kept,
-                ..early
-            },
-        );
+        state
+            .early_uploads
+            .insert(file_id, PendingParts { ahead, expected });
         state.record(key.to_string(), Some(loc));
         if let Some(a) = attrs {
             attrs::set_record(&mut state, key, loc, a);
@@ -165,13 +197,10 @@ impl S4db {
     /// will not be finished (in the background: nothing waits on it; what
     /// fails to abort, gc aborts later).
     pub fn abort_early_upload(&self, ahead: PartsAhead) {
-        let PartsAhead {
-            file_id,
-            upload: early,
-        } = ahead;
+        ahead.stop.store(true, Ordering::Relaxed);
         let store = self.inner.store.clone();
-        let key = self.object_key(&crate::format::data_file_name(file_id));
-        let upload_id = early.upload_id.clone();
+        let key = self.object_key(&crate::format::data_file_name(ahead.file_id));
+        let upload_id = ahead.upload_id.clone();
         let abort = async move {
             if let Err(e) = store.abort_multipart_upload(&key, &upload_id).await {
                 tracing::warn!("{e}; gc aborts the upload later");
@@ -182,8 +211,9 @@ impl S4db {
                 runtime.spawn(abort);
             }
             Err(_) => tracing::warn!(
-                "multipart upload {} of data file {file_id:x} left unfinished (no runtime to abort it on); gc aborts it later",
-                early.upload_id
+                "multipart upload {} of data file {:x} left unfinished (no runtime to abort it on); gc aborts it later",
+                ahead.upload_id,
+                ahead.file_id
             ),
         }
     }

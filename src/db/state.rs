@@ -84,7 +84,7 @@ pub(crate) struct State {
     pub journal_base: HashMap<String, Change>,
     /// Multipart uploads started ahead for unpublished data files holding
     /// one large value each (`own_file`): the next upload finishes them.
-    pub early_uploads: HashMap<u64, crate::remote::EarlyUpload>,
+    pub early_uploads: HashMap<u64, super::own_file::PendingParts>,
 }
 
 impl State {

@@ -387,10 +387,7 @@ impl S4Fs {
         // Parts of a large value already sent: kept if the value is still
         // the one they were cut for (dropped, and so aborted, otherwise).
         let behind = d.content.as_mut().and_then(|c| c.take_write_behind());
-        let ahead = match behind {
-            Some(behind) => behind.finish(&path).await,
-            None => None,
-        };
+        let ahead = behind.and_then(|b| b.finish(&path));
         let content = d.content.as_ref().expect("dirty content is loaded");
         let len = content.len();
         check_entry_size(&path, len)?;

@@ -12,12 +12,12 @@
 //!
 //! Memory stays at the parts in flight (`--max-threads`-like
 //! `parts_in_flight` × part size); parts waiting for a slot hold no bytes.
-//! When the file is closed, parts not started yet are left to the publish,
-//! those in flight are waited for (a little while). A write-behind that is dropped (the file
+//! A close does not wait for S3: the parts still to go keep going up in the
+//! background, and the publish waits for them. A write-behind that is dropped (the file
 //! unlinked, truncated to nothing, its content replaced) aborts its upload.
 
 use crate::db::{PartsAhead, S4db};
-use crate::remote::{EarlyUpload, ObjectStore, PartLayout, SentPart};
+use crate::remote::{ObjectStore, PartLayout, SentPart};
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -25,9 +25,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
-
-/// How long a close waits for the parts in flight.
-const FINISH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 #[derive(Debug)]
 pub struct WriteBehind {
@@ -45,7 +42,8 @@ pub struct WriteBehind {
     /// Where the parts are sent from (writes may come on the FUSE thread).
     rt: tokio::runtime::Handle,
     slots: Arc<Semaphore>,
-    /// Set at close: parts still waiting for a slot are not sent.
+    /// Set when the upload is aborted: parts still waiting for a slot are
+    /// not sent.
     closing: Arc<AtomicBool>,
     sent: Arc<Mutex<Vec<SentPart>>>,
     scheduled: BTreeSet<i32>,
@@ -144,7 +142,7 @@ impl WriteBehind {
                 return;
             };
             if closing.load(Ordering::Relaxed) {
-                return; // left to the publish
+                return; // the upload is being aborted
             }
             let read = tokio::task::spawn_blocking(move || {
                 let mut buf = vec![0u8; len];
@@ -170,34 +168,29 @@ impl WriteBehind {
         }));
     }
 
-    /// At close (or any put of the value): stops taking new parts, waits for
-    /// those in flight, and hands the engine what to finish, when the value
-    /// is still `key`'s (a rename changes the layout; the upload is then
-    /// aborted).
-    pub async fn finish(mut self, key: &str) -> Option<PartsAhead> {
+    /// At close (or any put of the value): hands the engine the upload,
+    /// whose parts keep going up in the background (a close never waits
+    /// for S3; the publish waits for them), when the value is still `key`'s
+    /// (a rename changes the layout; the upload is then aborted).
+    pub fn finish(mut self, key: &str) -> Option<PartsAhead> {
         if key != self.key {
             return None; // dropped: aborted
         }
-        self.closing.store(true, Ordering::Relaxed);
-        self.slots.close();
-        // A close does not hang on a slow store: parts still in flight
-        // after FINISH_WAIT are left to the publish (a late one that lands
-        // anyway is refused by the completion, which names each part's ETag).
-        let tasks = std::mem::take(&mut self.tasks);
-        let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
-        let all = futures::future::join_all(tasks);
-        if tokio::time::timeout(FINISH_WAIT, all).await.is_err() {
-            aborts.iter().for_each(|a| a.abort());
-        }
         self.finished = true;
-        let parts = std::mem::take(&mut *super::lock(&self.sent));
+        let tasks = std::mem::take(&mut self.tasks);
+        let sent = self.sent.clone();
+        let all_sent = async move {
+            for task in tasks {
+                let _ = task.await;
+            }
+            std::mem::take(&mut *super::lock(&sent))
+        };
         Some(PartsAhead {
             file_id: self.file_id,
-            upload: EarlyUpload {
-                upload_id: std::mem::take(&mut self.upload_id),
-                part_size: self.part_size,
-                parts,
-            },
+            upload_id: std::mem::take(&mut self.upload_id),
+            part_size: self.part_size,
+            sent: Box::pin(all_sent),
+            stop: self.closing.clone(),
         })
     }
 
@@ -212,15 +205,13 @@ impl Drop for WriteBehind {
         if self.finished {
             return;
         }
-        self.closing.store(true, Ordering::Relaxed);
         self.slots.close();
         let ahead = PartsAhead {
             file_id: self.file_id,
-            upload: EarlyUpload {
-                upload_id: std::mem::take(&mut self.upload_id),
-                part_size: self.part_size,
-                parts: Vec::new(),
-            },
+            upload_id: std::mem::take(&mut self.upload_id),
+            part_size: self.part_size,
+            sent: Box::pin(async { Vec::new() }),
+            stop: self.closing.clone(),
         };
         let _runtime = self.rt.enter();
         self.db.abort_early_upload(ahead);
