@@ -29,6 +29,19 @@ async fn multipart_store(moto: &Moto) -> S3Store {
     S3Store::connect(config).await.expect("connect to moto")
 }
 
+/// A database under `prefix` on a [`multipart_store`], with its own local
+/// directory.
+async fn multipart_db(prefix: &str) -> (Arc<dyn ObjectStore>, tempfile::TempDir, S4db) {
+    let store: Arc<dyn ObjectStore> = Arc::new(multipart_store(Moto::shared()).await);
+    let dir = tempfile::tempdir().unwrap();
+    let opts = OpenOptions {
+        local_dir: Some(dir.path().to_path_buf()),
+        ..OpenOptions::default()
+    };
+    let db = S4db::open(store.clone(), prefix, opts).await.unwrap();
+    (store, dir, db)
+}
+
 /// The SDK itself, to make what the store never makes: a dangling upload.
 fn sdk_client(moto: &Moto) -> aws_sdk_s3::Client {
     let config = aws_sdk_s3::Config::builder()
@@ -45,14 +58,7 @@ fn sdk_client(moto: &Moto) -> aws_sdk_s3::Client {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_value_goes_up_in_parts_and_reads_back_identical() {
-    let moto = Moto::shared();
-    let store: Arc<dyn ObjectStore> = Arc::new(multipart_store(moto).await);
-    let dir = tempfile::tempdir().unwrap();
-    let opts = OpenOptions {
-        local_dir: Some(dir.path().to_path_buf()),
-        ..OpenOptions::default()
-    };
-    let db = S4db::open(store.clone(), "big/", opts).await.unwrap();
+    let (store, _dir, db) = multipart_db("big/").await;
     let value = noise(12 * MIB as usize);
     db.put([("large", Value::Binary(value.clone()))]).unwrap();
     db.put([("small", Value::Text("x".into()))]).unwrap();
@@ -108,14 +114,7 @@ async fn until_no_uploads(store: &dyn ObjectStore, prefix: &str) {
 /// already holds the key) is not used, and its upload is aborted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parts_sent_ahead_are_kept_when_they_match_and_sent_again_when_not() {
-    let moto = Moto::shared();
-    let store: Arc<dyn ObjectStore> = Arc::new(multipart_store(moto).await);
-    let dir = tempfile::tempdir().unwrap();
-    let opts = OpenOptions {
-        local_dir: Some(dir.path().to_path_buf()),
-        ..OpenOptions::default()
-    };
-    let db = S4db::open(store.clone(), "ahead/", opts).await.unwrap();
+    let (store, dir, db) = multipart_db("ahead/").await;
     let key = "big";
     let value = noise(23 * MIB as usize);
     let part = 5 * MIB;
