@@ -131,7 +131,6 @@ command -v bc >/dev/null || apt_install bc
 bench_setup
 OUT="${S4DB_BENCH_OUT:-$ROOT/target/bench}"
 mkdir -p "$OUT"
-[[ $QUICK -eq 1 ]] || touch_free_memory >&2
 
 # Explicit credentials for every tool, nothing from the environment or ~/.aws. The
 # environment's AWS_CA_BUNDLE makes rclone fail on a plain-HTTP endpoint; proxies must not

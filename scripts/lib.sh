@@ -27,26 +27,6 @@ bench_setup() {
   fi
 }
 
-# touch_free_memory: writes one byte into every page of the machine's available memory
-# but 2 GiB, then frees it. On a virtual machine whose memory the host backs lazily (this
-# one: Firecracker), the first touch of a page costs a host page fault: 1 GiB written into
-# fresh page cache took 2.9-5.4 s here, into freed pages 0.6-1.2 s. Done once before the
-# mount benchmarks, so that no tool's large write or read pays for the machine's history.
-touch_free_memory() {
-  "$PY" - <<'PYEOF'
-import mmap
-GIB, PAGE = 1 << 30, 4096
-avail = next(int(l.split()[1]) * 1024 for l in open("/proc/meminfo") if l.startswith("MemAvailable"))
-held = []
-for _ in range(max(0, avail - 2 * GIB) // GIB):
-    m = mmap.mmap(-1, GIB)
-    for off in range(0, GIB, PAGE):
-        m[off] = 1
-    held.append(m)
-print(f"bench_peers.sh: touched {len(held)} GiB of free memory", flush=True)
-PYEOF
-}
-
 # bench_cleanup: the mount benchmarks' exit trap: unmounts $MNT, stops the
 # moto_server start_moto started, removes $WORK.
 bench_cleanup() {
