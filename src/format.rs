@@ -219,6 +219,17 @@ pub fn encode_entry(out: &mut Vec<u8>, key: &str, value: Option<&Value>) {
     out.extend_from_slice(&crc.to_be_bytes());
 }
 
+/// The bytes of a raw entry before its value: flags, lengths, key.
+pub fn raw_entry_head(key: &str, len: u32, binary: bool) -> Vec<u8> {
+    let flags = FLAG_RAW | if binary { FLAG_BINARY } else { 0 };
+    let mut head = Vec::with_capacity(9 + key.len());
+    head.push(flags);
+    head.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    head.extend_from_slice(&len.to_be_bytes());
+    head.extend_from_slice(key.as_bytes());
+    head
+}
+
 /// Writes a put entry whose value (`len` bytes) is streamed from `src`,
 /// stored raw (FLAG_RAW): a large value never has to be in memory, which
 /// Snappy's raw block format would require. Returns the entry's length.
@@ -229,13 +240,8 @@ pub fn write_raw_entry(
     len: u32,
     binary: bool,
 ) -> std::io::Result<u64> {
-    let flags = FLAG_RAW | if binary { FLAG_BINARY } else { 0 };
+    let head = raw_entry_head(key, len, binary);
     let mut crc = crc32fast::Hasher::new();
-    let mut head = Vec::with_capacity(9 + key.len());
-    head.push(flags);
-    head.extend_from_slice(&(key.len() as u32).to_be_bytes());
-    head.extend_from_slice(&len.to_be_bytes());
-    head.extend_from_slice(key.as_bytes());
     crc.update(&head);
     out.write_all(&head)?;
     let mut buf = vec![0u8; 256 * 1024];

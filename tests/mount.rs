@@ -1550,6 +1550,35 @@ fn a_large_file_goes_up_while_it_is_written() {
     let m = Mount::on(&db).start();
     assert!(m.read("big") == big, "the large file reads back different");
 
+    // Put at an fsync (its file linked into place as the data file) and
+    // published, then written again while still open: the data file
+    // published first must not change (it still equals its object).
+    let mut again = noise(24 * MIB);
+    let mut g = fs::File::create(m.path("again")).unwrap();
+    for chunk in again.chunks(MIB) {
+        g.write_all(chunk).unwrap();
+    }
+    g.sync_all().unwrap();
+    m.upload();
+    g.write_all_at(b"second version", 0).unwrap();
+    again[..14].copy_from_slice(b"second version");
+    drop(g);
+    m.upload();
+    for name in db.data_objects() {
+        if let Ok(local) = fs::read(m.local_dir.join(&name)) {
+            assert!(
+                db.get_object(&name) == local,
+                "{name}: object and local file differ"
+            );
+        }
+    }
+    m.unmount();
+    let m = Mount::on(&db).start();
+    assert!(
+        m.read("again") == again,
+        "the file written after fsync reads back different"
+    );
+
     // Removed while open: its upload is aborted.
     let mut gone = fs::File::create(m.path("gone")).unwrap();
     for chunk in noise(24 * MIB).chunks(MIB) {

@@ -456,6 +456,15 @@ impl LocalDir {
         Ok(())
     }
 
+    /// Links the finished file at `path` (on this directory's file system)
+    /// into place as data file `file_id`; the file keeps its other name.
+    pub fn link(&self, path: &Path, file_id: u64) -> Result<()> {
+        let target = self.file_path(file_id);
+        fs::hard_link(path, &target).map_err(|e| Error::io("link", &target, e))?;
+        self.forget(file_id);
+        Ok(())
+    }
+
     /// A temporary file in this directory (same file system, so `install` is a rename).
     pub fn temp_file(&self) -> Result<tempfile::NamedTempFile> {
         tempfile::Builder::new()

@@ -18,13 +18,18 @@
 //! other put of the key goes through the same open file, which uses or drops
 //! its reservation.
 //!
+//! The filesystem lays the value out as that data file while it is written,
+//! so the put writes the headers and the CRC around it and links the file
+//! into place ([`S4db::put_own_file_in_place`]); other callers copy the
+//! value in ([`S4db::put_own_file`]).
+//!
 //! Parts may still be on their way when the value is put (a close does not
 //! wait for S3); the upload waits for them. Nothing trusts them blindly:
 //! while the value is copied into its data file, the CRC-32 of each part's
 //! place is computed, and the upload keeps only the parts whose sent bytes
 //! have that CRC; a part that differs is sent again.
 
-use super::{attrs, state::OwnFile, S4db};
+use super::{attrs, state::OwnFile, LocalDir, S4db};
 use crate::error::{Error, Result};
 use crate::format::{encode_file_header, Location, ENTRY_OVERHEAD, HEADER_SIZE};
 use crate::remote::{EarlyUpload, SentPart};
@@ -133,27 +138,18 @@ impl S4db {
     ) -> Result<Location> {
         let file_id = ahead.file_id;
         let entry_len = checked_entry_len(key, len)?;
-        let local = {
-            let mut state = self.state();
-            let later = state
-                .index
-                .entries
-                .get(key)
-                .is_some_and(|l| l.file_id > file_id && l.file_id >> 32 == file_id >> 32);
-            if later || state.files.contains_key(&file_id) {
-                drop(state);
-                self.abort_early_upload(ahead);
-                return self.put_from_reader(key, src, len, binary, attrs);
-            }
-            let local = self.local_dir_locked(&mut state)?;
-            local.add_pending(file_id)?;
-            local
+        let Some(local) = self.claim_reservation(key, file_id)? else {
+            self.abort_early_upload(ahead);
+            return self.put_from_reader(key, src, len, binary, attrs);
         };
         // Written beside its final name and moved there whole, with no lock
         // held: nothing knows the file until it is recorded below.
         let mut tmp = local.temp_file()?;
         let value_offset = Self::own_file_value_offset(key);
-        let mut parts = PartCrcs::new(src, value_offset, len, ahead.part_size);
+        let mut parts = PartCrcs {
+            src,
+            hashes: PartHashes::new(value_offset, len, ahead.part_size),
+        };
         let written = (|| {
             let mut out = std::io::BufWriter::with_capacity(256 * 1024, tmp.as_file_mut());
             out.write_all(&encode_file_header(file_id))?;
@@ -167,7 +163,99 @@ impl S4db {
             self.abort_early_upload(ahead);
             return Err(e);
         }
-        let expected = parts.finish();
+        let expected = parts.hashes.finish();
+        Ok(self.record_own_file(key, entry_len, attrs, ahead, expected))
+    }
+
+    /// [`S4db::put_own_file`] for a value already laid out as its data file:
+    /// `file` (named `path`, on the local directory's file system) holds it
+    /// from [`S4db::own_file_value_offset`] on. The headers and the CRC are
+    /// written around it and the file is linked into place: the value is
+    /// read once (for the CRCs), never copied. `Ok(None)` when the
+    /// reservation cannot be used: the early upload is aborted and the
+    /// caller puts the value the usual way.
+    #[allow(clippy::too_many_arguments)]
+    pub fn put_own_file_in_place(
+        &self,
+        key: &str,
+        file: &std::fs::File,
+        path: &std::path::Path,
+        len: u64,
+        binary: bool,
+        attrs: Option<attrs::Attrs>,
+        ahead: PartsAhead,
+    ) -> Result<Option<Location>> {
+        let file_id = ahead.file_id;
+        let entry_len = checked_entry_len(key, len)?;
+        let Some(local) = self.claim_reservation(key, file_id)? else {
+            self.abort_early_upload(ahead);
+            return Ok(None);
+        };
+        let value_offset = Self::own_file_value_offset(key);
+        let mut hashes = PartHashes::new(value_offset, len, ahead.part_size);
+        let written = (|| {
+            use std::os::unix::fs::FileExt;
+            let head = crate::format::raw_entry_head(key, len as u32, binary);
+            let mut crc = crc32fast::Hasher::new();
+            crc.update(&head);
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut at = value_offset;
+            while at < value_offset + len {
+                let n = buf.len().min((value_offset + len - at) as usize);
+                file.read_exact_at(&mut buf[..n], at)?;
+                crc.update(&buf[..n]);
+                hashes.take(&buf[..n]);
+                at += n as u64;
+            }
+            file.write_all_at(&encode_file_header(file_id), 0)?;
+            file.write_all_at(&head, HEADER_SIZE)?;
+            file.write_all_at(&crc.finalize().to_be_bytes(), value_offset + len)?;
+            file.set_len(value_offset + len + 4)
+        })();
+        let linked = written
+            .map_err(|e| Error::io("write", path, e))
+            .and_then(|()| local.link(path, file_id));
+        if let Err(e) = linked {
+            self.abort_early_upload(ahead);
+            return Err(e);
+        }
+        Ok(Some(self.record_own_file(
+            key,
+            entry_len,
+            attrs,
+            ahead,
+            hashes.finish(),
+        )))
+    }
+
+    /// Checks that reserved `file_id` may hold `key`'s newest value and
+    /// records it as pending; `None` when it may not (see the module doc).
+    fn claim_reservation(&self, key: &str, file_id: u64) -> Result<Option<Arc<LocalDir>>> {
+        let mut state = self.state();
+        let later = state
+            .index
+            .entries
+            .get(key)
+            .is_some_and(|l| l.file_id > file_id && l.file_id >> 32 == file_id >> 32);
+        if later || state.files.contains_key(&file_id) {
+            return Ok(None);
+        }
+        let local = self.local_dir_locked(&mut state)?;
+        local.add_pending(file_id)?;
+        Ok(Some(local))
+    }
+
+    /// Records the own file in place: the key's entry, its attributes and
+    /// the parts the next upload finishes.
+    fn record_own_file(
+        &self,
+        key: &str,
+        entry_len: u64,
+        attrs: Option<attrs::Attrs>,
+        ahead: PartsAhead,
+        expected: HashMap<i32, u32>,
+    ) -> Location {
+        let file_id = ahead.file_id;
         let loc = Location {
             file_id,
             offset: HEADER_SIZE,
@@ -190,7 +278,7 @@ impl S4db {
             attrs::set_record(&mut state, key, loc, a);
         }
         state.flush_attr_log();
-        Ok(loc)
+        loc
     }
 
     /// Aborts a multipart upload started ahead for data file `file_id` that
@@ -219,24 +307,22 @@ impl S4db {
     }
 }
 
-/// Passes a value through while computing the CRC-32 of each part of the
-/// data file that lies wholly inside the value.
-struct PartCrcs<'a, R> {
-    src: &'a mut R,
+/// The CRC-32 of each part of a data file that lies wholly inside the
+/// value, computed as the value's bytes go by in order.
+struct PartHashes {
     /// Where the value starts in the data file, and its end.
     value_offset: u64,
     value_end: u64,
     part_size: u64,
-    /// Data-file offset of the next byte read.
+    /// Data-file offset of the next byte.
     at: u64,
     current: crc32fast::Hasher,
     crcs: HashMap<i32, u32>,
 }
 
-impl<'a, R: Read> PartCrcs<'a, R> {
-    fn new(src: &'a mut R, value_offset: u64, len: u64, part_size: u64) -> Self {
-        PartCrcs {
-            src,
+impl PartHashes {
+    fn new(value_offset: u64, len: u64, part_size: u64) -> Self {
+        PartHashes {
             value_offset,
             value_end: value_offset + len,
             part_size: part_size.max(1),
@@ -270,10 +356,16 @@ impl<'a, R: Read> PartCrcs<'a, R> {
     }
 }
 
+/// Passes a value through, hashing its parts.
+struct PartCrcs<'a, R> {
+    src: &'a mut R,
+    hashes: PartHashes,
+}
+
 impl<R: Read> Read for PartCrcs<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.src.read(buf)?;
-        self.take(&buf[..n]);
+        self.hashes.take(&buf[..n]);
         Ok(n)
     }
 }
@@ -300,7 +392,10 @@ mod tests {
         // Value at data-file offset 5, 40 bytes: parts of 10 bytes.
         let value: Vec<u8> = (0..40u8).collect();
         let mut src = &value[..];
-        let mut parts = PartCrcs::new(&mut src, 5, 40, 10);
+        let mut parts = PartCrcs {
+            src: &mut src,
+            hashes: PartHashes::new(5, 40, 10),
+        };
         let mut sink = Vec::new();
         let mut buf = [0u8; 7];
         loop {
@@ -311,7 +406,7 @@ mod tests {
             sink.extend_from_slice(&buf[..n]);
         }
         assert_eq!(sink, value);
-        let crcs = parts.finish();
+        let crcs = parts.hashes.finish();
         // Part 1 [0, 10) holds header bytes, part 5 [40, 50) runs past the end.
         let mut numbers: Vec<i32> = crcs.keys().copied().collect();
         numbers.sort();

@@ -13,7 +13,22 @@ pub const SPILL_BYTES: u64 = 8 * 1024 * 1024;
 #[derive(Debug)]
 enum Store {
     Memory(Vec<u8>),
-    Spilled(File),
+    /// The value from byte `base` of `file`. `named` is set when the file is
+    /// laid out as the data file the value will be put in (write-behind):
+    /// its name lets the engine link it into place instead of copying.
+    Spilled {
+        file: File,
+        base: u64,
+        named: Option<tempfile::TempPath>,
+    },
+}
+
+fn spilled(file: File) -> Store {
+    Store::Spilled {
+        file,
+        base: 0,
+        named: None,
+    }
 }
 
 #[derive(Debug)]
@@ -31,6 +46,9 @@ pub struct Content {
     put_len: u64,
     /// A write-behind could not start: the value goes up when published.
     behind_refused: bool,
+    /// The named file became a data file (linked into place): it must not
+    /// change, so the next write first copies the value out.
+    sealed: bool,
 }
 
 impl Content {
@@ -43,6 +61,7 @@ impl Content {
             behind: None,
             put_len: 0,
             behind_refused: false,
+            sealed: false,
         }
     }
 
@@ -55,6 +74,7 @@ impl Content {
             behind: None,
             put_len: 0,
             behind_refused: false,
+            sealed: false,
         };
         c.spill_if_large()?;
         Ok(c)
@@ -63,13 +83,14 @@ impl Content {
     /// Content that starts out in `file` (already `len` bytes long).
     pub fn from_spill_file(file: File, len: u64, spill_dir: &Path) -> Content {
         Content {
-            store: Store::Spilled(file),
+            store: spilled(file),
             len,
             spill_dir: spill_dir.to_path_buf(),
             stream: None,
             behind: None,
             put_len: 0,
             behind_refused: false,
+            sealed: false,
         }
     }
 
@@ -122,15 +143,66 @@ impl Content {
     }
 
     pub fn is_spilled(&self) -> bool {
-        matches!(self.store, Store::Spilled(_))
+        matches!(self.store, Store::Spilled { .. })
     }
 
-    /// A second handle on the spill file, for reading parts beside writes.
-    pub fn spill_handle(&self) -> Option<io::Result<File>> {
+    /// A second handle on the spill file, for reading parts beside writes,
+    /// and where the value starts in it.
+    pub fn spill_handle(&self) -> Option<io::Result<(File, u64)>> {
         match &self.store {
-            Store::Spilled(f) => Some(f.try_clone()),
+            Store::Spilled { file, base, .. } => Some(file.try_clone().map(|f| (f, *base))),
             Store::Memory(_) => None,
         }
+    }
+
+    /// Moves the value into a named file laid out as a data file whose value
+    /// starts at `base` (the headers are written when it is put), so that
+    /// the put can link it into place instead of copying it.
+    pub fn lay_out_as_data_file(&mut self, base: u64) -> io::Result<()> {
+        std::fs::create_dir_all(&self.spill_dir)?;
+        let named = tempfile::Builder::new()
+            .prefix(OWN_PREFIX)
+            .tempfile_in(&self.spill_dir)?;
+        let (file, path) = named.into_parts();
+        copy_value(&mut self.reader(), &file, base)?;
+        file.set_len(base + self.len)?;
+        self.store = Store::Spilled {
+            file,
+            base,
+            named: Some(path),
+        };
+        self.sealed = false;
+        Ok(())
+    }
+
+    /// The named file the value is laid out in as a data file, with the
+    /// value's offset, unless it was already put.
+    pub fn data_file_layout(&self) -> Option<(&File, &Path, u64)> {
+        match &self.store {
+            Store::Spilled {
+                file,
+                base,
+                named: Some(path),
+            } if !self.sealed => Some((file, path, *base)),
+            _ => None,
+        }
+    }
+
+    /// The named file is a data file now: later changes copy the value out.
+    pub fn seal(&mut self) {
+        self.sealed = true;
+    }
+
+    /// Before a change: a sealed value moves to a fresh spill file.
+    fn unseal(&mut self) -> io::Result<()> {
+        if self.sealed {
+            let file = Content::spill_file(&self.spill_dir)?;
+            copy_value(&mut self.reader(), &file, 0)?;
+            file.set_len(self.len)?;
+            self.store = spilled(file);
+            self.sealed = false;
+        }
+        Ok(())
     }
 
     pub fn write_behind(&mut self) -> Option<&mut super::write_behind::WriteBehind> {
@@ -167,9 +239,9 @@ impl Content {
         }
         match &self.store {
             Store::Memory(v) => Ok(v[offset as usize..end as usize].to_vec()),
-            Store::Spilled(f) => {
+            Store::Spilled { file, base, .. } => {
                 let mut buf = vec![0u8; (end - offset) as usize];
-                f.read_exact_at(&mut buf, offset)?;
+                file.read_exact_at(&mut buf, base + offset)?;
                 Ok(buf)
             }
         }
@@ -177,6 +249,7 @@ impl Content {
 
     /// Writes `data` at `offset`, zero-filling any gap past the end.
     pub fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.unseal()?;
         let end = offset + data.len() as u64;
         if end > SPILL_BYTES {
             self.spill()?;
@@ -188,20 +261,21 @@ impl Content {
                 }
                 v[offset as usize..end as usize].copy_from_slice(data);
             }
-            Store::Spilled(f) => f.write_all_at(data, offset)?,
+            Store::Spilled { file, base, .. } => file.write_all_at(data, *base + offset)?,
         }
         self.len = self.len.max(end);
         Ok(())
     }
 
     pub fn truncate(&mut self, len: u64) -> io::Result<()> {
+        self.unseal()?;
         match &mut self.store {
             Store::Memory(v) if len <= SPILL_BYTES => v.resize(len as usize, 0),
             Store::Memory(_) => {
                 self.spill()?;
                 return self.truncate(len);
             }
-            Store::Spilled(f) => f.set_len(len)?,
+            Store::Spilled { file, base, .. } => file.set_len(*base + len)?,
         }
         self.len = len;
         Ok(())
@@ -211,9 +285,9 @@ impl Content {
     pub fn to_vec(&self) -> io::Result<Vec<u8>> {
         match &self.store {
             Store::Memory(v) => Ok(v[..self.len as usize].to_vec()),
-            Store::Spilled(f) => {
+            Store::Spilled { file, base, .. } => {
                 let mut buf = vec![0u8; self.len as usize];
-                f.read_exact_at(&mut buf, 0)?;
+                file.read_exact_at(&mut buf, *base)?;
                 Ok(buf)
             }
         }
@@ -224,10 +298,10 @@ impl Content {
     pub fn reader(&self) -> Box<dyn Read + '_> {
         match &self.store {
             Store::Memory(v) => Box::new(&v[..self.len as usize]),
-            Store::Spilled(f) => Box::new(ReadAt {
-                file: f,
-                pos: 0,
-                end: self.len,
+            Store::Spilled { file, base, .. } => Box::new(ReadAt {
+                file,
+                pos: *base,
+                end: *base + self.len,
             }),
         }
     }
@@ -269,9 +343,39 @@ impl Content {
             let f = Content::spill_file(&self.spill_dir)?;
             f.write_all_at(v, 0)?;
             f.set_len(v.len() as u64)?;
-            self.store = Store::Spilled(f);
+            self.store = spilled(f);
         }
         Ok(())
+    }
+}
+
+/// Removes the named spill files a killed daemon left in `spill_dir` (the
+/// unnamed ones vanish with it). Only at start: the local directory's lock
+/// says no other daemon uses them.
+pub fn remove_leftovers(spill_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(spill_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(OWN_PREFIX) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Names of the spill files laid out as data files.
+const OWN_PREFIX: &str = "own-";
+
+/// Copies everything `src` gives into `file` from `at` on.
+fn copy_value(src: &mut dyn Read, file: &File, mut at: u64) -> io::Result<()> {
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = src.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        file.write_all_at(&buf[..n], at)?;
+        at += n as u64;
     }
 }
 
@@ -294,6 +398,38 @@ impl Read for ReadAt<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_value_laid_out_as_a_data_file_reads_the_same_and_copies_out_once_sealed() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Content::empty(dir.path());
+        let value: Vec<u8> = (0..SPILL_BYTES + 100).map(|i| (i % 251) as u8).collect();
+        c.write(0, &value).unwrap();
+        c.lay_out_as_data_file(30).unwrap();
+        assert_eq!(c.to_vec().unwrap(), value);
+        c.write(5, b"abc").unwrap();
+        let (file, path, base) = c.data_file_layout().expect("named, not sealed");
+        assert_eq!(base, 30);
+        let mut at_base = [0u8; 8];
+        file.read_exact_at(&mut at_base, 30).unwrap();
+        assert_eq!(&at_base, &[0, 1, 2, 3, 4, b'a', b'b', b'c']);
+        // The put writes around the value and links the file: sealed, the
+        // file must not change again.
+        let linked = dir.path().join("linked");
+        std::fs::hard_link(path, &linked).unwrap();
+        c.seal();
+        assert!(c.data_file_layout().is_none());
+        c.write(0, b"Z").unwrap();
+        c.truncate(10).unwrap();
+        assert_eq!(c.to_vec().unwrap(), b"Z\x01\x02\x03\x04abc\x08\x09");
+        let kept = std::fs::read(&linked).unwrap();
+        assert_eq!(kept.len() as u64, 30 + value.len() as u64);
+        assert_eq!(&kept[30..38], &at_base, "the linked file is untouched");
+        // Copied out, the content let go of its named file; the link stays.
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "only the linked file: {left:?}");
+    }
 
     #[test]
     fn writes_reads_truncates_and_spills() {

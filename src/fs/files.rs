@@ -408,20 +408,46 @@ impl S4Fs {
             id => self.db.link_members(id),
         };
         others.retain(|k| *k != path);
-        let (loc, binary) = if content.is_spilled() {
+        let (loc, binary, sealed) = if content.is_spilled() {
             // Too large to hold: streamed from the spill file as a raw entry.
             off_session_thread().await;
             let binary = !content.is_utf8()?;
             let attrs_of = Some(attrs.clone());
-            let loc = match ahead {
-                Some(ahead) => {
-                    let mut reader = content.reader();
-                    self.db
-                        .put_own_file(&path, &mut reader, len, binary, attrs_of, ahead)?
+            let in_place = content
+                .data_file_layout()
+                .filter(|(_, _, base)| *base == S4db::own_file_value_offset(&path));
+            let (loc, sealed) = match (ahead, in_place) {
+                (Some(ahead), Some((file, tmp, _))) => {
+                    let db = &self.db;
+                    match db
+                        .put_own_file_in_place(&path, file, tmp, len, binary, attrs_of, ahead)?
+                    {
+                        Some(loc) => (loc, true),
+                        None => {
+                            let mut reader = content.reader();
+                            let attrs_of = Some(attrs.clone());
+                            (
+                                db.put_from_reader(&path, &mut reader, len, binary, attrs_of)?,
+                                false,
+                            )
+                        }
+                    }
                 }
-                None => {
-                    self.db
-                        .put_from_reader(&path, &mut content.reader(), len, binary, attrs_of)?
+                (Some(ahead), None) => {
+                    let mut reader = content.reader();
+                    let db = &self.db;
+                    (
+                        db.put_own_file(&path, &mut reader, len, binary, attrs_of, ahead)?,
+                        false,
+                    )
+                }
+                (None, _) => {
+                    let mut reader = content.reader();
+                    let db = &self.db;
+                    (
+                        db.put_from_reader(&path, &mut reader, len, binary, attrs_of)?,
+                        false,
+                    )
                 }
             };
             for other in &others {
@@ -433,7 +459,7 @@ impl S4Fs {
                     Some(attrs.clone()),
                 )?;
             }
-            (loc, binary)
+            (loc, binary, sealed)
         } else {
             if let Some(ahead) = ahead {
                 self.db.abort_early_upload(ahead);
@@ -463,8 +489,12 @@ impl S4Fs {
                     );
                 }
             }
-            (placed[0].expect("a put is always placed"), binary)
+            (placed[0].expect("a put is always placed"), binary, false)
         };
+        if sealed {
+            // Its file is the data file now: a later write copies it out.
+            d.content.as_mut().expect("loaded").seal();
+        }
         self.meta.insert(
             loc,
             ValueMeta {

@@ -224,6 +224,7 @@ impl S4Fs {
             db.read_index(|idx| idx.values().map(|l| (l.file_id, l.offset)).collect())
         })?;
         let db_unsynced = db.has_unsynced_writes();
+        content::remove_leftovers(&cfg.spill_dir);
         let fs = Arc::new(S4Fs {
             db,
             store,

@@ -37,6 +37,8 @@ pub struct WriteBehind {
     /// Where the value starts in the data file.
     value_offset: u64,
     spill: Arc<File>,
+    /// Where the value starts in `spill`.
+    spill_base: u64,
     store: Arc<dyn ObjectStore>,
     db: S4db,
     /// Where the parts are sent from (writes may come on the FUSE thread).
@@ -63,6 +65,7 @@ impl WriteBehind {
         rt: &tokio::runtime::Handle,
         key: &str,
         spill: File,
+        spill_base: u64,
         len: u64,
     ) -> Option<WriteBehind> {
         let PartLayout {
@@ -97,6 +100,7 @@ impl WriteBehind {
             part_size,
             value_offset: S4db::own_file_value_offset(key),
             spill: Arc::new(spill),
+            spill_base,
             store,
             db: db.clone(),
             rt: rt.clone(),
@@ -127,7 +131,7 @@ impl WriteBehind {
 
     fn send(&mut self, number: i32) {
         let part_offset = (number as u64 - 1) * self.part_size;
-        let value_at = part_offset - self.value_offset;
+        let value_at = part_offset - self.value_offset + self.spill_base;
         let len = self.part_size as usize;
         let (spill, store, slots, closing, sent) = (
             self.spill.clone(),
@@ -234,10 +238,16 @@ impl super::S4Fs {
             return;
         };
         if content.wants_write_behind(layout.threshold) {
+            // Laid out as the data file it will be (the put then links it
+            // into place instead of copying it).
+            if let Err(e) = content.lay_out_as_data_file(S4db::own_file_value_offset(path)) {
+                tracing::warn!("{path:?} stays in its spill file: {e}");
+            }
             let started = match content.spill_handle() {
-                Some(Ok(spill)) => {
+                Some(Ok((spill, base))) => {
                     let store: Arc<dyn ObjectStore> = self.store.clone();
-                    WriteBehind::start(&self.db, store, &self.rt, path, spill, content.len()).await
+                    let len = content.len();
+                    WriteBehind::start(&self.db, store, &self.rt, path, spill, base, len).await
                 }
                 Some(Err(e)) => {
                     tracing::warn!("no write-behind for {path:?}: {e}");
