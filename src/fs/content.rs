@@ -193,16 +193,33 @@ impl Content {
         self.sealed = true;
     }
 
-    /// Before a change: a sealed value moves to a fresh spill file.
+    /// Before a change: a sealed value moves to a fresh file laid out the
+    /// same way (one copy, whatever the next put does with it).
     fn unseal(&mut self) -> io::Result<()> {
         if self.sealed {
-            let file = Content::spill_file(&self.spill_dir)?;
-            copy_value(&mut self.reader(), &file, 0)?;
-            file.set_len(self.len)?;
-            self.store = spilled(file);
-            self.sealed = false;
+            let base = self.data_file_base().unwrap_or(0);
+            self.lay_out_as_data_file(base)?;
         }
         Ok(())
+    }
+
+    /// Where the value starts in its named file laid out as a data file
+    /// (sealed or not).
+    fn data_file_base(&self) -> Option<u64> {
+        match &self.store {
+            Store::Spilled {
+                base,
+                named: Some(_),
+                ..
+            } => Some(*base),
+            _ => None,
+        }
+    }
+
+    /// Whether the value is laid out, unsealed, as a data file with its
+    /// value at `base`.
+    pub fn is_laid_out_at(&self, base: u64) -> bool {
+        self.data_file_layout().is_some_and(|(_, _, b)| b == base)
     }
 
     pub fn write_behind(&mut self) -> Option<&mut super::write_behind::WriteBehind> {
@@ -426,9 +443,13 @@ mod tests {
         let kept = std::fs::read(&linked).unwrap();
         assert_eq!(kept.len() as u64, 30 + value.len() as u64);
         assert_eq!(&kept[30..38], &at_base, "the linked file is untouched");
-        // Copied out, the content let go of its named file; the link stays.
-        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
-        assert_eq!(left.len(), 1, "only the linked file: {left:?}");
+        // Copied out into a new file laid out the same way; dropped, the
+        // content removes its own names, never the link.
+        assert!(c.is_laid_out_at(30));
+        let count = || std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(count(), 2, "the link and the new layout");
+        drop(c);
+        assert_eq!(count(), 1, "only the linked file");
     }
 
     #[test]

@@ -10,11 +10,12 @@
 //! is published, with any part the writer changed after it was sent: the
 //! engine checks each sent part's CRC against the finished file.
 //!
-//! Memory stays at the parts in flight (`--max-threads`-like
-//! `parts_in_flight` × part size); parts waiting for a slot hold no bytes.
-//! A close does not wait for S3: the parts still to go keep going up in the
-//! background, and the publish waits for them. A write-behind that is dropped (the file
-//! unlinked, truncated to nothing, its content replaced) aborts its upload.
+//! Memory stays at the parts in flight (the store's `parts_in_flight`, 8, ×
+//! `--write-part-size`); parts waiting for a slot hold no bytes. A close
+//! does not wait for S3: the parts still to go keep going up in the
+//! background, and the publish waits for them. A write-behind that is
+//! dropped (the file unlinked, truncated to nothing, its content replaced)
+//! aborts its upload.
 
 use crate::db::{PartsAhead, S4db};
 use crate::remote::{ObjectStore, PartLayout, SentPart};
@@ -131,7 +132,7 @@ impl WriteBehind {
 
     fn send(&mut self, number: i32) {
         let part_offset = (number as u64 - 1) * self.part_size;
-        let value_at = part_offset - self.value_offset + self.spill_base;
+        let spill_at = part_offset - self.value_offset + self.spill_base;
         let len = self.part_size as usize;
         let (spill, store, slots, closing, sent) = (
             self.spill.clone(),
@@ -150,7 +151,7 @@ impl WriteBehind {
             }
             let read = tokio::task::spawn_blocking(move || {
                 let mut buf = vec![0u8; len];
-                spill.read_exact_at(&mut buf, value_at).map(|_| buf)
+                spill.read_exact_at(&mut buf, spill_at).map(|_| buf)
             })
             .await;
             let data = match read {
@@ -240,8 +241,11 @@ impl super::S4Fs {
         if content.wants_write_behind(layout.threshold) {
             // Laid out as the data file it will be (the put then links it
             // into place instead of copying it).
-            if let Err(e) = content.lay_out_as_data_file(S4db::own_file_value_offset(path)) {
-                tracing::warn!("{path:?} stays in its spill file: {e}");
+            let base = S4db::own_file_value_offset(path);
+            if !content.is_laid_out_at(base) {
+                if let Err(e) = content.lay_out_as_data_file(base) {
+                    tracing::warn!("{path:?} stays in its spill file: {e}");
+                }
             }
             let started = match content.spill_handle() {
                 Some(Ok((spill, base))) => {
