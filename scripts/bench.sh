@@ -2,8 +2,7 @@
 # The whole benchmark suite in one go, writing docs/BENCHMARKS.md (figures, ratios, S3
 # request costs, the targets met or missed) and its chart docs/bench-peers-20ms.png.
 #
-#   scripts/bench.sh           everything: about 24 minutes on 2 cores after the build
-#                              (measured with other builds sharing the cores)
+#   scripts/bench.sh           everything: about 29 minutes on 2 cores after the build
 #   scripts/bench.sh --quick   smoke test with tiny sizes (the test suite runs it); writes
 #                              target/bench/quick/BENCHMARKS.md, never docs/
 #
