@@ -52,38 +52,9 @@ pub struct Content {
 }
 
 impl Content {
-    pub fn empty(spill_dir: &Path) -> Content {
+    fn new(store: Store, len: u64, spill_dir: &Path) -> Content {
         Content {
-            store: Store::Memory(Vec::new()),
-            len: 0,
-            spill_dir: spill_dir.to_path_buf(),
-            stream: None,
-            behind: None,
-            put_len: 0,
-            behind_refused: false,
-            sealed: false,
-        }
-    }
-
-    pub fn from_bytes(bytes: Vec<u8>, spill_dir: &Path) -> io::Result<Content> {
-        let mut c = Content {
-            len: bytes.len() as u64,
-            store: Store::Memory(bytes),
-            spill_dir: spill_dir.to_path_buf(),
-            stream: None,
-            behind: None,
-            put_len: 0,
-            behind_refused: false,
-            sealed: false,
-        };
-        c.spill_if_large()?;
-        Ok(c)
-    }
-
-    /// Content that starts out in `file` (already `len` bytes long).
-    pub fn from_spill_file(file: File, len: u64, spill_dir: &Path) -> Content {
-        Content {
-            store: spilled(file),
+            store,
             len,
             spill_dir: spill_dir.to_path_buf(),
             stream: None,
@@ -92,6 +63,22 @@ impl Content {
             behind_refused: false,
             sealed: false,
         }
+    }
+
+    pub fn empty(spill_dir: &Path) -> Content {
+        Content::new(Store::Memory(Vec::new()), 0, spill_dir)
+    }
+
+    pub fn from_bytes(bytes: Vec<u8>, spill_dir: &Path) -> io::Result<Content> {
+        let len = bytes.len() as u64;
+        let mut c = Content::new(Store::Memory(bytes), len, spill_dir);
+        c.spill_if_large()?;
+        Ok(c)
+    }
+
+    /// Content that starts out in `file` (already `len` bytes long).
+    pub fn from_spill_file(file: File, len: u64, spill_dir: &Path) -> Content {
+        Content::new(spilled(file), len, spill_dir)
     }
 
     /// Content of `len` bytes that `stream` is still writing into `file`:

@@ -416,38 +416,28 @@ impl S4Fs {
             let in_place = content
                 .data_file_layout()
                 .filter(|(_, _, base)| *base == S4db::own_file_value_offset(&path));
-            let (loc, sealed) = match (ahead, in_place) {
+            // The value's own data file when its upload went ahead (linked
+            // into place when it is laid out as one), else the active file.
+            let db = &self.db;
+            let mut sealed = false;
+            let own = match (ahead, in_place) {
                 (Some(ahead), Some((file, tmp, _))) => {
-                    let db = &self.db;
-                    match db
-                        .put_own_file_in_place(&path, file, tmp, len, binary, attrs_of, ahead)?
-                    {
-                        Some(loc) => (loc, true),
-                        None => {
-                            let mut reader = content.reader();
-                            let attrs_of = Some(attrs.clone());
-                            (
-                                db.put_from_reader(&path, &mut reader, len, binary, attrs_of)?,
-                                false,
-                            )
-                        }
-                    }
+                    let placed =
+                        db.put_own_file_in_place(&path, file, tmp, len, binary, attrs_of, ahead)?;
+                    sealed = placed.is_some();
+                    placed
                 }
                 (Some(ahead), None) => {
                     let mut reader = content.reader();
-                    let db = &self.db;
-                    (
-                        db.put_own_file(&path, &mut reader, len, binary, attrs_of, ahead)?,
-                        false,
-                    )
+                    Some(db.put_own_file(&path, &mut reader, len, binary, attrs_of, ahead)?)
                 }
-                (None, _) => {
-                    let mut reader = content.reader();
-                    let db = &self.db;
-                    (
-                        db.put_from_reader(&path, &mut reader, len, binary, attrs_of)?,
-                        false,
-                    )
+                (None, _) => None,
+            };
+            let loc = match own {
+                Some(loc) => loc,
+                None => {
+                    let attrs_of = Some(attrs.clone());
+                    db.put_from_reader(&path, &mut content.reader(), len, binary, attrs_of)?
                 }
             };
             for other in &others {

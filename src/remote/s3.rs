@@ -800,8 +800,8 @@ impl S3Store {
             .customize()
             // Unsigned payload, as parts streamed from a file always are:
             // parts sent from memory would otherwise cost a SHA-256 pass
-            // each (2.5 s of CPU per GiB). TLS guards the bytes in transit,
-            // and `--checksums when-supported` adds a CRC32 that S3 checks.
+            // over their bytes each. TLS guards the bytes in transit, and
+            // `--checksums when-supported` adds a CRC32 that S3 checks.
             .disable_payload_signing()
             .config_override(self.timeout_override(timeout))
             .send()
@@ -1024,17 +1024,7 @@ impl ObjectStore for S3Store {
         path: &Path,
         condition: PutCondition,
     ) -> StoreResult<String> {
-        let read_error = |e: &dyn std::error::Error| {
-            StoreError::io(
-                "read local file for",
-                key,
-                format!("{}: {}", path.display(), one_line(&e.to_string())),
-            )
-        };
-        let size = tokio::fs::metadata(path)
-            .await
-            .map_err(|e| read_error(&e))?
-            .len();
+        let size = local_size(key, path).await?;
         if size >= self.multipart_threshold {
             return self.put_multipart(key, path, size, condition).await;
         }
@@ -1099,16 +1089,7 @@ impl ObjectStore for S3Store {
         condition: PutCondition,
         early: crate::remote::EarlyUpload,
     ) -> StoreResult<String> {
-        let size = tokio::fs::metadata(path)
-            .await
-            .map_err(|e| {
-                StoreError::io(
-                    "read local file for",
-                    key,
-                    format!("{}: {e}", path.display()),
-                )
-            })?
-            .len();
+        let size = local_size(key, path).await?;
         let part_size = early.part_size;
         let count = size.div_ceil(part_size).max(1);
         if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&part_size) || count > MAX_PARTS {
@@ -1123,8 +1104,10 @@ impl ObjectStore for S3Store {
             .parts
             .iter()
             .filter(|p| {
-                let offset = early.part_offset(p.number);
-                p.number >= 1 && offset < size && p.len == part_size.min(size - offset)
+                p.number >= 1 && {
+                    let offset = early.part_offset(p.number);
+                    offset < size && p.len == part_size.min(size - offset)
+                }
             })
             .map(|p| {
                 CompletedPart::builder()
@@ -1267,6 +1250,18 @@ impl ObjectStore for S3Store {
 }
 
 /// S3 sizes are `i64`; a missing or negative one means empty.
+/// The size of the local file `path` to be sent as `key`.
+async fn local_size(key: &str, path: &Path) -> StoreResult<u64> {
+    match tokio::fs::metadata(path).await {
+        Ok(meta) => Ok(meta.len()),
+        Err(e) => Err(StoreError::io(
+            "read local file for",
+            key,
+            format!("{}: {}", path.display(), one_line(&e.to_string())),
+        )),
+    }
+}
+
 fn size_of(size: Option<i64>) -> u64 {
     size.and_then(|s| u64::try_from(s).ok()).unwrap_or(0)
 }
