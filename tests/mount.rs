@@ -1485,6 +1485,75 @@ fn large_cold_reads_fetch_parts_in_parallel_and_a_bad_crc_fails_with_eio() {
     m.unmount();
 }
 
+/// Drops the clean pages the kernel caches for `file`, so the next read
+/// reaches the daemon.
+fn drop_page_cache(file: &fs::File) {
+    use std::os::fd::AsRawFd;
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(rc, 0, "posix_fadvise");
+}
+
+/// A large cold read holds only a window of parts: a read at the start
+/// fetches no more than the parts in flight ahead of it, and a part read
+/// again after it left the window is fetched again (that it must match its
+/// first read is the unit test in `src/fs/stream.rs`). A write to a value
+/// being streamed loads it whole first.
+#[test]
+fn a_large_cold_read_keeps_a_window_of_parts_and_loads_whole_to_write() {
+    let db = Db::new();
+    let big = noise(12_345_678);
+    let m = Mount::on(&db).start();
+    fs::write(m.path("big"), &big).unwrap();
+    m.upload();
+    m.unmount();
+
+    let parts = ["--read-part-size", "2000000", "--max-threads", "2"];
+    let m = Mount::on(&db).args(&parts).start();
+    let ranges = || m.stats()["s3_requests"]["get_range"].as_u64().unwrap();
+    let before = ranges();
+    let f = fs::File::open(m.path("big")).unwrap();
+    let mut head = [0u8; 4096];
+    f.read_exact_at(&mut head, 0).unwrap();
+    assert_eq!(&head[..], &big[..4096]);
+    // Part 0 and the two parts ahead of it, never all seven.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(ranges() - before, 3, "the window is 2 parts ahead");
+
+    let mut all = Vec::new();
+    std::io::Read::read_to_end(&mut &f, &mut all).unwrap();
+    assert!(all == big, "the value reads back different");
+    assert_eq!(ranges() - before, 7, "each of 7 parts once");
+
+    // Part 0 left the window: read again, it is fetched again.
+    drop_page_cache(&f);
+    f.read_exact_at(&mut head, 100).unwrap();
+    assert_eq!(&head[..], &big[100..4196]);
+    assert_eq!(ranges() - before, 8, "part 0 fetched again");
+    drop(f);
+
+    // A write while another handle streams the value: loaded whole first,
+    // both handles then see the write.
+    let reader = fs::File::open(m.path("big")).unwrap();
+    drop_page_cache(&reader);
+    reader.read_exact_at(&mut head, 0).unwrap();
+    let writer = fs::OpenOptions::new()
+        .write(true)
+        .open(m.path("big"))
+        .unwrap();
+    writer.write_all_at(b"changed", 5_000_000).unwrap();
+    let mut expected = big.clone();
+    expected[5_000_000..5_000_007].copy_from_slice(b"changed");
+    let mut got = [0u8; 7];
+    reader.read_exact_at(&mut got, 5_000_000).unwrap();
+    assert_eq!(&got, b"changed");
+    drop((reader, writer));
+    assert!(
+        m.read("big") == expected,
+        "the written value reads back different"
+    );
+    m.unmount();
+}
+
 // ============================================================ write-behind
 
 /// The multipart uploads moto holds for `db`'s bucket.
@@ -1893,8 +1962,11 @@ fn kill_9_during_background_compaction_loses_nothing_and_leaves_nothing_dangling
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    wait_until(60, "compaction has run", || {
+    // Enough writes that the kill lands among them (on a loaded machine
+    // three compactions can pass before ten writes).
+    wait_until(60, "compaction has run among the writes", || {
         m.stats()["maintenance"]["compactions"].as_u64() >= Some(3)
+            && fs::read_to_string(&log).is_ok_and(|l| l.lines().count() > 10)
     });
     std::thread::sleep(Duration::from_millis(150));
     m.kill9();

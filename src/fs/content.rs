@@ -1,6 +1,7 @@
 //! The bytes of one open file: in memory while small, in an unlinked
-//! temporary file once past a threshold, so a large value being written or
-//! read does not hold its size in RAM.
+//! temporary file once past a threshold, so a large value being written
+//! does not hold its size in RAM; a large value only read streams from S3
+//! through a bounded window of parts.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -21,6 +22,9 @@ enum Store {
         base: u64,
         named: Option<tempfile::TempPath>,
     },
+    /// A large value only read, fetched from S3 part by part as it is read
+    /// (never written: a write loads the value whole first).
+    Remote(super::stream::Stream),
 }
 
 fn spilled(file: File) -> Store {
@@ -36,8 +40,6 @@ pub struct Content {
     store: Store,
     len: u64,
     spill_dir: PathBuf,
-    /// While a large value is still arriving into the spill file.
-    stream: Option<std::sync::Arc<super::stream::Stream>>,
     /// The parts of a large value being written, on their way to S3.
     behind: Option<super::write_behind::WriteBehind>,
     /// Bytes the last put took: a write-behind started after it sends only
@@ -57,7 +59,6 @@ impl Content {
             store,
             len,
             spill_dir: spill_dir.to_path_buf(),
-            stream: None,
             behind: None,
             put_len: 0,
             behind_refused: false,
@@ -81,38 +82,21 @@ impl Content {
         Content::new(spilled(file), len, spill_dir)
     }
 
-    /// Content of `len` bytes that `stream` is still writing into `file`:
-    /// reads wait for [`Content::ready`].
-    pub fn streaming(
-        file: File,
-        len: u64,
-        spill_dir: &Path,
-        stream: std::sync::Arc<super::stream::Stream>,
-    ) -> Content {
-        Content {
-            stream: Some(stream),
-            ..Content::from_spill_file(file, len, spill_dir)
-        }
+    /// A large value read from S3 as it is read.
+    pub fn streaming(stream: super::stream::Stream, spill_dir: &Path) -> Content {
+        let len = stream.len();
+        Content::new(Store::Remote(stream), len, spill_dir)
     }
 
-    /// Waits until bytes `[offset, offset + size)` can be read (they are
-    /// always there unless a large value is still arriving). A failed fetch
-    /// or a CRC mismatch is an I/O error.
-    pub async fn ready(&self, offset: u64, size: u32) -> io::Result<()> {
-        match &self.stream {
-            Some(s) => s.ready(offset, size as u64).await.map_err(io::Error::other),
-            None => Ok(()),
-        }
+    /// Whether the value is being read from S3 (it cannot be written as it
+    /// is: a write loads it whole first).
+    pub fn is_streaming(&self) -> bool {
+        matches!(self.store, Store::Remote(_))
     }
 
-    /// Waits until a value still arriving is whole and checked (before a
-    /// write changes it).
-    pub async fn settle(&mut self) -> io::Result<()> {
-        if let Some(s) = &self.stream {
-            s.ready_all().await.map_err(io::Error::other)?;
-        }
-        self.stream = None;
-        Ok(())
+    /// Whether the value is held in memory.
+    pub fn is_in_memory(&self) -> bool {
+        matches!(self.store, Store::Memory(_))
     }
 
     /// A fresh unlinked temporary file in the spill directory.
@@ -138,7 +122,7 @@ impl Content {
     pub fn spill_handle(&self) -> Option<io::Result<(File, u64)>> {
         match &self.store {
             Store::Spilled { file, base, .. } => Some(file.try_clone().map(|f| (f, *base))),
-            Store::Memory(_) => None,
+            Store::Memory(_) | Store::Remote(_) => None,
         }
     }
 
@@ -235,8 +219,10 @@ impl Content {
         self.put_len
     }
 
-    /// Up to `size` bytes from `offset` (fewer at the end).
-    pub fn read(&self, offset: u64, size: u32) -> io::Result<Vec<u8>> {
+    /// Up to `size` bytes from `offset` (fewer at the end). A value read
+    /// from S3 waits for its parts; a failed fetch or a CRC mismatch is an
+    /// I/O error.
+    pub async fn read(&self, offset: u64, size: u32) -> io::Result<Vec<u8>> {
         let end = self.len.min(offset.saturating_add(size as u64));
         if offset >= end {
             return Ok(Vec::new());
@@ -248,6 +234,10 @@ impl Content {
                 file.read_exact_at(&mut buf, base + offset)?;
                 Ok(buf)
             }
+            Store::Remote(stream) => stream
+                .read(offset, end - offset)
+                .await
+                .map_err(io::Error::other),
         }
     }
 
@@ -266,6 +256,7 @@ impl Content {
                 v[offset as usize..end as usize].copy_from_slice(data);
             }
             Store::Spilled { file, base, .. } => file.write_all_at(data, *base + offset)?,
+            Store::Remote(_) => return Err(not_loaded()),
         }
         self.len = self.len.max(end);
         Ok(())
@@ -280,6 +271,7 @@ impl Content {
                 return self.truncate(len);
             }
             Store::Spilled { file, base, .. } => file.set_len(*base + len)?,
+            Store::Remote(_) => return Err(not_loaded()),
         }
         self.len = len;
         Ok(())
@@ -294,6 +286,7 @@ impl Content {
                 file.read_exact_at(&mut buf, *base)?;
                 Ok(buf)
             }
+            Store::Remote(_) => Err(not_loaded()),
         }
     }
 
@@ -307,6 +300,7 @@ impl Content {
                 pos: *base,
                 end: *base + self.len,
             }),
+            Store::Remote(_) => Box::new(NotLoaded),
         }
     }
 
@@ -364,6 +358,20 @@ pub fn remove_leftovers(spill_dir: &Path) {
         if entry.file_name().to_string_lossy().starts_with(OWN_PREFIX) {
             let _ = std::fs::remove_file(entry.path());
         }
+    }
+}
+
+/// What a change to, or a put of, a value still in S3 meets: the callers
+/// load a value whole before they change it, so this is a bug if seen.
+fn not_loaded() -> io::Error {
+    io::Error::other("the value is being read from S3 and was not loaded whole before a change")
+}
+
+struct NotLoaded;
+
+impl Read for NotLoaded {
+    fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+        Err(not_loaded())
     }
 }
 
@@ -447,13 +455,14 @@ mod tests {
         c.write(7, b"!").unwrap();
         assert_eq!(c.to_vec().unwrap(), b"hello\0\0!");
         c.truncate(4).unwrap();
-        assert_eq!(c.read(1, 10).unwrap(), b"ell");
+        let read = |c: &Content, at, n| futures::executor::block_on(c.read(at, n)).unwrap();
+        assert_eq!(read(&c, 1, 10), b"ell");
         let big = SPILL_BYTES + 10;
         c.write(big - 1, b"x").unwrap();
         assert!(c.is_spilled());
         assert_eq!(c.len(), big);
-        assert_eq!(c.read(0, 4).unwrap(), b"hell");
-        assert_eq!(c.read(big - 2, 5).unwrap(), b"\0x");
+        assert_eq!(read(&c, 0, 4), b"hell");
+        assert_eq!(read(&c, big - 2, 5), b"\0x");
         assert!(c.is_utf8().unwrap());
         c.write(SPILL_BYTES - 1, "é".as_bytes()).unwrap();
         assert!(c.is_utf8().unwrap());

@@ -191,8 +191,11 @@ impl S4Fs {
         d: &mut FileData,
         for_write: bool,
     ) -> FsResult<bool> {
-        if d.content.is_some() {
-            return Ok(true);
+        match &d.content {
+            // A value read from S3 part by part is loaded whole to be changed.
+            Some(c) if for_write && c.is_streaming() => d.content = None,
+            Some(_) => return Ok(true),
+            None => {}
         }
         let loc = d.open_loc.or_else(|| self.location_of(ino, path));
         let spill = &self.cfg.spill_dir;
@@ -209,15 +212,17 @@ impl S4Fs {
                     .get(loc)
                     .is_some_and(|m| m.len > content::SPILL_BYTES) =>
                 {
-                    // Straight into a temporary file: a large value is not held in memory.
+                    // A large value is not held in memory: read from S3
+                    // part by part as it is read, or straight into a
+                    // temporary file.
                     off_session_thread().await;
-                    let file = Content::spill_file(spill)?;
-                    match self.stream_value(path, loc, &file, for_write).await? {
-                        Some((stream, len, bin)) => {
+                    match self.stream_value(path, loc, for_write).await? {
+                        Some((stream, bin)) => {
                             binary = bin;
-                            Content::streaming(file, len, spill, stream)
+                            Content::streaming(stream, spill)
                         }
                         None => {
+                            let file = Content::spill_file(spill)?;
                             let len;
                             (len, binary) = self.db.get_into_file(path, loc, &file).await?;
                             Content::from_spill_file(file, len, spill)
@@ -261,7 +266,7 @@ impl S4Fs {
         Ok(false)
     }
 
-    /// A read of a large cold value: parallel part GETs into `file`, served
+    /// A read of a large cold value: parallel part GETs, served from memory
     /// as they arrive (see `stream`). `None` when the value is not one to
     /// stream (its data file is here, it is compressed, or this is a write,
     /// which needs it whole anyway).
@@ -269,9 +274,8 @@ impl S4Fs {
         &self,
         path: &str,
         loc: Location,
-        file: &std::fs::File,
         for_write: bool,
-    ) -> FsResult<Option<(Arc<stream::Stream>, u64, bool)>> {
+    ) -> FsResult<Option<(stream::Stream, bool)>> {
         if for_write {
             return Ok(None);
         }
@@ -287,7 +291,6 @@ impl S4Fs {
             self.db.prefix(),
             crate::format::data_file_name(loc.file_id)
         );
-        let shared = Arc::new(file.try_clone()?);
         // The parts are meant to be in flight together: past the coalescer,
         // which would hold all but two of them back to merge them.
         let opened = stream::open(
@@ -295,17 +298,12 @@ impl S4Fs {
             object,
             path,
             loc,
-            shared,
             self.cfg.stream,
             &self.rt,
         )
         .await?;
         Ok(match opened {
-            stream::Opening::Streaming(s, binary) => {
-                let len = loc.length as u64 - path.len() as u64 - crate::format::ENTRY_OVERHEAD;
-                file.set_len(len)?;
-                Some((s, len, binary))
-            }
+            stream::Opening::Streaming(s, binary) => Some((s, binary)),
             stream::Opening::Whole => None,
         })
     }
@@ -327,14 +325,15 @@ impl S4Fs {
                     self.relatime(*ino, &path, d.base);
                 }
                 let content = d.content.as_ref().expect("loaded");
-                if let Err(e) = content.ready(offset, size).await {
-                    // A failed part or a CRC mismatch: this open fails the
-                    // read, and the next open drops the pages read so far.
-                    d.content = None;
+                let read = content.read(offset, size).await;
+                if read.is_err() && content.is_streaming() {
+                    // A failed part or a CRC mismatch: every later read of
+                    // this open fails too (the kernel retries a failed
+                    // readahead), and the next open starts over and drops
+                    // the pages read so far.
                     lock(&self.cached).remove(ino);
-                    return Err(e.into());
                 }
-                Ok(content.read(offset, size)?)
+                Ok(read?)
             }
         }
     }
@@ -363,7 +362,6 @@ impl S4Fs {
                 let mut d = open.data.lock().await;
                 self.ensure_loaded(*ino, &path, &mut d, true).await?;
                 let content = d.content.as_mut().expect("loaded");
-                content.settle().await?;
                 let offset = if *append { content.len() } else { offset };
                 let end = offset + data.len() as u64;
                 check_entry_size(&path, end)?;
@@ -542,7 +540,7 @@ impl S4Fs {
     pub(super) async fn keep_small_value(&self, open: &OpenFile) {
         let d = open.data.lock().await;
         if let (Some(c), Some(loc), false) = (&d.content, d.base, d.dirty) {
-            if !c.is_spilled() && c.len() <= SMALL_ENTRY as u64 {
+            if c.is_in_memory() && c.len() <= SMALL_ENTRY as u64 {
                 let value = match c.to_vec() {
                     Ok(bytes) if d.binary => Value::Binary(bytes),
                     Ok(bytes) => match String::from_utf8(bytes) {
@@ -615,7 +613,6 @@ impl S4Fs {
                 d.content = Some(Content::empty(&self.cfg.spill_dir));
             } else {
                 self.ensure_loaded(ino, path, &mut d, true).await?;
-                d.content.as_mut().expect("loaded").settle().await?;
             }
             d.content.as_mut().expect("loaded").truncate(size)?;
             d.dirty = true;
