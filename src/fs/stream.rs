@@ -94,6 +94,11 @@ struct State {
     failed: Option<String>,
 }
 
+/// Whether `part` is not more than one part behind the reader's part.
+fn in_window(reader_at: usize, part: usize) -> bool {
+    part + 1 >= reader_at
+}
+
 /// The first part of an entry, fetched to learn whether it can stream.
 pub enum Opening {
     /// A raw value: the rest is being fetched. Carries whether it is binary.
@@ -127,8 +132,7 @@ impl Stream {
             st.reader_at = first;
             st.wanted = st.wanted.max(last);
             // Parts more than one behind the reader leave the window.
-            let keep = st.held.split_off(&first.saturating_sub(1));
-            st.held = keep;
+            st.held.retain(|part, _| in_window(st.reader_at, *part));
         });
         let mut out = Vec::with_capacity((end - offset) as usize);
         for part in first..=last {
@@ -228,7 +232,7 @@ impl Shared {
 
     /// Keeps a part in the window if the reader has not passed it.
     fn hold(&self, st: &mut State, part: usize, bytes: Bytes) {
-        if part + 1 >= st.reader_at && st.held.len() <= self.parallelism + 2 {
+        if in_window(st.reader_at, part) && st.held.len() <= self.parallelism + 2 {
             st.held.insert(part, bytes);
         }
     }
