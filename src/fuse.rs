@@ -5,6 +5,7 @@
 //! remote keys overlap instead of queueing behind each other. Every call is
 //! counted and timed into [`crate::metrics`] as it replies, with its errno.
 
+use crate::buffer_pool::BufferPool;
 use crate::fs::attrs::{Caller, SetAttr, SetTime, XattrMode};
 use crate::fs::{Attr, FileKind, FsError, FsResult, S4Fs};
 use fuser::{
@@ -30,11 +31,19 @@ const MAX_WRITE: u32 = 1024 * 1024;
 pub struct FuseAdapter {
     fs: Arc<S4Fs>,
     rt: tokio::runtime::Handle,
+    /// Where each write's bytes are copied off the session's buffer.
+    write_buffers: Arc<BufferPool>,
 }
 
 impl FuseAdapter {
     pub fn new(fs: Arc<S4Fs>, rt: tokio::runtime::Handle) -> FuseAdapter {
-        FuseAdapter { fs, rt }
+        // Writes in flight at once: the kernel's background requests.
+        let write_buffers = BufferPool::new(MAX_WRITE as usize, 16);
+        FuseAdapter {
+            fs,
+            rt,
+            write_buffers,
+        }
     }
 
     /// Runs `f`, which replies when done: first right here on the session
@@ -514,7 +523,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<u64>,
         reply: ReplyWrite,
     ) {
-        let data = data.to_vec();
+        let data = self.write_buffers.copy_of(data);
         // Unsynced from the moment it arrives: a write to .s4db/upload
         // publishes what came before it, itself included.
         crate::metrics::global().write_arrived(data.len());

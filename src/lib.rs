@@ -42,6 +42,7 @@ pub mod remote;
 pub use db::{OpenOptions, Progress, S4db, ScanMode, Stats};
 pub use error::{Error, ErrorKind, Result};
 pub use format::Value;
+pub mod buffer_pool;
 pub mod cli;
 pub mod fs;
 pub mod fuse;

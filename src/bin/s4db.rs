@@ -6,6 +6,7 @@ use s4db::Error;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    s4db::buffer_pool::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("S4DB_LOG")

@@ -202,6 +202,8 @@ pub struct S4Fs {
     rt: tokio::runtime::Handle,
     /// The background maintenance's settings and last failure.
     maint: Mutex<maintain::MaintState>,
+    /// Buffers for write-behind parts (when the store has multipart uploads).
+    part_buffers: Option<Arc<crate::buffer_pool::BufferPool>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -225,6 +227,13 @@ impl S4Fs {
         })?;
         let db_unsynced = db.has_unsynced_writes();
         content::remove_leftovers(&cfg.spill_dir);
+        // As many as can be in flight, each one part.
+        let part_buffers = crate::remote::ObjectStore::part_layout(&*store).map(|layout| {
+            crate::buffer_pool::BufferPool::new(
+                layout.part_size as usize,
+                layout.parts_in_flight.max(1),
+            )
+        });
         let fs = Arc::new(S4Fs {
             db,
             store,
@@ -251,6 +260,7 @@ impl S4Fs {
             scan: Mutex::new(scan::ScanState::default()),
             rt: tokio::runtime::Handle::current(),
             maint: Mutex::new(Default::default()),
+            part_buffers,
         });
         if db_unsynced {
             fs.upload_wanted.notify_one();

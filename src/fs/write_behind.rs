@@ -17,6 +17,7 @@
 //! dropped (the file unlinked, truncated to nothing, its content replaced)
 //! aborts its upload.
 
+use crate::buffer_pool::BufferPool;
 use crate::db::{PartsAhead, S4db};
 use crate::remote::{ObjectStore, PartLayout, SentPart};
 use std::collections::BTreeSet;
@@ -41,6 +42,8 @@ pub struct WriteBehind {
     /// Where the value starts in `spill`.
     spill_base: u64,
     store: Arc<dyn ObjectStore>,
+    /// Where each part's bytes are read into.
+    buffers: Arc<BufferPool>,
     db: S4db,
     /// Where the parts are sent from (writes may come on the FUSE thread).
     rt: tokio::runtime::Handle,
@@ -60,9 +63,11 @@ impl WriteBehind {
     /// `spill`) when the store has multipart uploads and the content is
     /// already `layout.threshold` bytes or more. `None` when it does not
     /// apply; a failed start is logged and the file is published whole.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         db: &S4db,
         store: Arc<dyn ObjectStore>,
+        buffers: Arc<BufferPool>,
         rt: &tokio::runtime::Handle,
         key: &str,
         spill: File,
@@ -103,6 +108,7 @@ impl WriteBehind {
             spill: Arc::new(spill),
             spill_base,
             store,
+            buffers,
             db: db.clone(),
             rt: rt.clone(),
             slots: Arc::new(Semaphore::new(parts_in_flight.max(1))),
@@ -134,9 +140,10 @@ impl WriteBehind {
         let part_offset = (number as u64 - 1) * self.part_size;
         let spill_at = part_offset - self.value_offset + self.spill_base;
         let len = self.part_size as usize;
-        let (spill, store, slots, closing, sent) = (
+        let (spill, store, buffers, slots, closing, sent) = (
             self.spill.clone(),
             self.store.clone(),
+            self.buffers.clone(),
             self.slots.clone(),
             self.closing.clone(),
             self.sent.clone(),
@@ -150,7 +157,7 @@ impl WriteBehind {
                 return; // the upload is being aborted
             }
             let read = tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0u8; len];
+                let mut buf = buffers.take(len);
                 spill.read_exact_at(&mut buf, spill_at).map(|_| buf)
             })
             .await;
@@ -163,7 +170,7 @@ impl WriteBehind {
                 Err(_) => return,
             };
             match store
-                .upload_part(&object, &upload_id, number, data.into())
+                .upload_part(&object, &upload_id, number, data.into_bytes())
                 .await
             {
                 Ok(part) => super::lock(&sent).push(part),
@@ -235,7 +242,7 @@ impl super::S4Fs {
         offset: u64,
         len: u64,
     ) {
-        let Some(layout) = self.store.part_layout() else {
+        let (Some(layout), Some(buffers)) = (self.store.part_layout(), &self.part_buffers) else {
             return;
         };
         if content.wants_write_behind(layout.threshold) {
@@ -251,7 +258,9 @@ impl super::S4Fs {
                 Some(Ok((spill, base))) => {
                     let store: Arc<dyn ObjectStore> = self.store.clone();
                     let len = content.len();
-                    WriteBehind::start(&self.db, store, &self.rt, path, spill, base, len).await
+                    let buffers = buffers.clone();
+                    WriteBehind::start(&self.db, store, buffers, &self.rt, path, spill, base, len)
+                        .await
                 }
                 Some(Err(e)) => {
                     tracing::warn!("no write-behind for {path:?}: {e}");
