@@ -205,10 +205,14 @@ fn open_flags(keep_cache: bool, direct_io: bool) -> u32 {
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request<'_>, config: &mut KernelConfig) -> Result<(), i32> {
         // Optional capabilities: the kernel may lack some; that is fine.
+        // Not FUSE_ATOMIC_O_TRUNC: with it, an open with O_TRUNC reaches us
+        // (and empties the file) before the kernel checks that the file is
+        // not being executed, and the open it then fails with ETXTBSY still
+        // truncated the program under the running process. Without it the
+        // kernel checks first and truncates with a SETATTR.
         let _ = config.add_capabilities(
             consts::FUSE_ASYNC_READ
                 | consts::FUSE_BIG_WRITES
-                | consts::FUSE_ATOMIC_O_TRUNC
                 | consts::FUSE_PARALLEL_DIROPS
                 // Always READDIRPLUS (not _AUTO, which falls back to plain
                 // readdir after a directory's first batch): a walk that

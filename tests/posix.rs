@@ -593,6 +593,33 @@ stat -c '%A %n' script.sh"#,
 }
 
 #[test]
+fn a_truncating_open_of_a_running_program_fails_and_leaves_it_whole() {
+    let s = Sides::new("exec");
+    // O_RDONLY|O_TRUNC: the open that reaches the file system before the
+    // kernel's ETXTBSY check when O_TRUNC is handled in the open request.
+    let out = s.same(
+        "open(O_TRUNC) of a running program",
+        r#"cp /usr/bin/sleep prog && chmod 755 prog
+for round in 1 2 3; do
+  ./prog 30 & pid=$!
+  until [ "$(readlink /proc/$pid/exe)" = "$PWD/prog" ]; do sleep 0.01; done
+  python3 -c 'import os
+try:
+    os.open("prog", os.O_RDONLY | os.O_TRUNC)
+    print("opened")
+except OSError as e:
+    print(os.strerror(e.errno))'
+  sleep 0.1
+  kill -0 $pid && echo running
+  kill $pid; wait $pid 2>/dev/null || true
+  cmp prog /usr/bin/sleep && echo intact
+done"#,
+    );
+    assert_eq!(out, "Text file busy\nrunning\nintact\n".repeat(3), "{out}");
+    s.unmount();
+}
+
+#[test]
 fn ln_s_makes_symlinks_that_readlink_reads_back() {
     let mut s = Sides::new("symlink");
     let out = s.same(

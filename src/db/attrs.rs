@@ -374,6 +374,12 @@ impl S4db {
     /// by the Python package have none: callers use their defaults).
     pub fn attrs(&self, key: &str) -> Option<Arc<Attrs>> {
         let state = self.state();
+        // The table first: most keys have no record (none at all in a
+        // database the Python package wrote), and a hash lookup is cheaper
+        // than the index's ordered one.
+        if !state.attrs.files.contains_key(key) && !state.attrs.spare.contains_key(key) {
+            return None;
+        }
         let loc = *state.index.entries.get(key)?;
         state.attrs.file_at(key, loc).cloned()
     }

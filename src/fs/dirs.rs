@@ -4,43 +4,30 @@ use super::attrs::Caller;
 use super::*;
 
 impl S4Fs {
-    /// The children of directory `dir`: one range scan of the index that
-    /// skips each subdirectory's keys, plus explicit directories and files
-    /// being created.
-    pub(super) fn list_children(&self, dir: &str) -> BTreeMap<String, NodeKind> {
-        let prefix = if dir.is_empty() {
-            String::new()
-        } else {
-            format!("{dir}/")
-        };
+    /// The children of directory `dir`: one walk of the index that skips
+    /// each subdirectory's keys, plus explicit directories and files being
+    /// created. A file listed from the index comes with its location.
+    pub(super) fn list_children(&self, dir: &str) -> BTreeMap<String, Listed> {
+        let prefix = dir_prefix(dir);
         let usable = |c: &str| names::key_is_path(c) && !(dir.is_empty() && c == CONTROL_DIR);
         let mut out = BTreeMap::new();
         self.db.read_index(|idx| {
-            let mut start = prefix.clone();
-            while let Some((k, _)) = range_from(idx, &start).next() {
-                let Some(rest) = k.strip_prefix(&prefix) else {
-                    break;
-                };
-                if !key_is_path(k) {
-                    // Hidden keys imply no directory (`a//b` shows no `a`).
-                    start = format!("{k}\0");
-                    continue;
-                }
-                match rest.split_once('/') {
-                    Some((child, _)) => {
-                        if usable(child) {
-                            out.insert(child.to_string(), NodeKind::Dir);
-                        }
-                        start = after_subtree(&prefix, child);
+            walk_children(idx, &prefix, |child| {
+                match child {
+                    IndexChild::Dir(name) if usable(name) => {
+                        out.insert(name.to_string(), Listed::DIR);
                     }
-                    None => {
-                        if usable(rest) {
-                            out.entry(rest.to_string()).or_insert(NodeKind::File);
-                        }
-                        start = format!("{k}\0");
+                    IndexChild::File(name, loc) if usable(name) => {
+                        let file = Listed {
+                            kind: NodeKind::File,
+                            loc: Some(loc),
+                        };
+                        out.entry(name.to_string()).or_insert(file);
                     }
+                    _ => {}
                 }
-            }
+                true
+            });
         });
         self.db.read_dirs(|dirs| {
             for (d, _) in range_from(dirs, &prefix) {
@@ -49,7 +36,7 @@ impl S4Fs {
                 };
                 let child = rest.split('/').next().unwrap_or(rest);
                 if usable(child) {
-                    out.insert(child.to_string(), NodeKind::Dir);
+                    out.insert(child.to_string(), Listed::DIR);
                 }
             }
         });
@@ -59,10 +46,14 @@ impl S4Fs {
                 if let Some(rest) = p.strip_prefix(&prefix) {
                     match rest.split_once('/') {
                         Some((child, _)) => {
-                            out.insert(child.to_string(), NodeKind::Dir);
+                            out.insert(child.to_string(), Listed::DIR);
                         }
                         None => {
-                            out.entry(rest.to_string()).or_insert(NodeKind::File);
+                            let created = Listed {
+                                kind: NodeKind::File,
+                                loc: None,
+                            };
+                            out.entry(rest.to_string()).or_insert(created);
                         }
                     }
                 }
@@ -76,32 +67,19 @@ impl S4Fs {
     /// of a million keys; such a directory then shows `nlink` 1, the
     /// convention for "not counted" that `find` knows).
     pub(super) fn subdir_count(&self, dir: &str, limit: usize) -> Option<usize> {
-        let prefix = if dir.is_empty() {
-            String::new()
-        } else {
-            format!("{dir}/")
-        };
+        let prefix = dir_prefix(dir);
         let mut subdirs = std::collections::BTreeSet::new();
+        let mut looked_at = 0;
         let complete = self.db.read_index(|idx| {
-            let mut start = prefix.clone();
-            for _ in 0..limit {
-                let Some((k, _)) = range_from(idx, &start).next() else {
-                    return true;
-                };
-                let Some(rest) = k.strip_prefix(&prefix) else {
-                    return true;
-                };
-                match rest.split_once('/') {
-                    Some((child, _)) if key_is_path(k) => {
-                        if !(dir.is_empty() && child == CONTROL_DIR) {
-                            subdirs.insert(child.to_string());
-                        }
-                        start = after_subtree(&prefix, child);
+            walk_children(idx, &prefix, |child| {
+                if let IndexChild::Dir(name) = child {
+                    if !(dir.is_empty() && name == CONTROL_DIR) {
+                        subdirs.insert(name.to_string());
                     }
-                    _ => start = format!("{k}\0"),
                 }
-            }
-            false
+                looked_at += 1;
+                looked_at < limit
+            })
         });
         if !complete {
             return None;
@@ -155,13 +133,15 @@ impl S4Fs {
             let mut unknown = Vec::new();
             {
                 let inodes = lock(&self.inodes);
-                for (name, kind) in children {
+                for (name, listed) in children {
                     let path = join(&dir, &name);
-                    let kind = match kind {
-                        NodeKind::Dir => FileKind::Dir,
-                        NodeKind::File => {
-                            unknown.push(path.clone());
-                            self.db.attrs(&path).map_or(FileKind::Regular, |a| a.kind)
+                    let kind = match (listed.kind, listed.loc) {
+                        (NodeKind::Dir, _) => FileKind::Dir,
+                        (NodeKind::File, None) => FileKind::Regular, // being created
+                        (NodeKind::File, Some(loc)) => {
+                            let kind = self.db.attrs_at(&path, loc).map(|a| a.kind);
+                            unknown.push((path.clone(), loc));
+                            kind.unwrap_or(FileKind::Regular)
                         }
                     };
                     entries.push(DirEntry {
@@ -181,10 +161,9 @@ impl S4Fs {
 
     /// A listing is usually followed by a `stat` of each entry (`ls -l`):
     /// resolve the sizes nobody knows yet now, with requests in parallel.
-    pub(super) fn prefetch_sizes(self: &Arc<Self>, paths: Vec<String>) {
-        let wanted: Vec<(String, Location)> = paths
+    pub(super) fn prefetch_sizes(self: &Arc<Self>, listed: Vec<(String, Location)>) {
+        let wanted: Vec<(String, Location)> = listed
             .into_iter()
-            .filter_map(|p| self.db.location(&p).map(|l| (p, l)))
             .filter(|(_, l)| self.meta.get(*l).is_none())
             .collect();
         if wanted.is_empty() {
@@ -313,5 +292,116 @@ impl S4Fs {
         self.wrote();
         lock(&self.inodes).unbind(&path);
         Ok(())
+    }
+}
+
+/// A child in a listing: a directory, or a file with the location the
+/// index gave it (none for a file being created).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Listed {
+    pub kind: NodeKind,
+    pub loc: Option<Location>,
+}
+
+impl Listed {
+    const DIR: Listed = Listed {
+        kind: NodeKind::Dir,
+        loc: None,
+    };
+}
+
+/// What the index holds right under a directory.
+enum IndexChild<'a> {
+    File(&'a str, Location),
+    Dir(&'a str),
+    /// A key that is not a path (it implies no directory: `a//b` shows no `a`).
+    Hidden,
+}
+
+fn dir_prefix(dir: &str) -> String {
+    if dir.is_empty() {
+        String::new()
+    } else {
+        format!("{dir}/")
+    }
+}
+
+/// Calls `f` with each key right under `prefix` in order, and once per
+/// subdirectory, whose keys are then skipped with one seek. Keys are walked,
+/// not looked up one by one: a listing of a directory of a thousand files
+/// is one pass over them. Stops when `f` returns false; returns whether the
+/// walk reached the end.
+fn walk_children<'a>(
+    idx: &'a BTreeMap<Key, Location>,
+    prefix: &str,
+    mut f: impl FnMut(IndexChild<'a>) -> bool,
+) -> bool {
+    let mut keys = range_from(idx, prefix);
+    while let Some((k, loc)) = keys.next() {
+        let Some(rest) = k.strip_prefix(prefix) else {
+            return true;
+        };
+        let child = match rest.split_once('/') {
+            _ if !key_is_path(k) => IndexChild::Hidden,
+            Some((dir, _)) => {
+                keys = range_from(idx, &after_subtree(prefix, dir));
+                IndexChild::Dir(dir)
+            }
+            None => IndexChild::File(rest, *loc),
+        };
+        if !f(child) {
+            return false;
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(offset: u64) -> Location {
+        Location {
+            file_id: 1,
+            offset,
+            length: 10,
+        }
+    }
+
+    fn strings(s: &[&str]) -> Vec<String> {
+        s.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn walk(idx: &BTreeMap<Key, Location>, prefix: &str, limit: usize) -> (Vec<String>, bool) {
+        let mut seen = Vec::new();
+        let complete = walk_children(idx, prefix, |child| {
+            seen.push(match child {
+                IndexChild::File(name, loc) => format!("{name}@{}", loc.offset),
+                IndexChild::Dir(name) => format!("{name}/"),
+                IndexChild::Hidden => "hidden".into(),
+            });
+            seen.len() < limit
+        });
+        (seen, complete)
+    }
+
+    #[test]
+    fn a_walk_lists_files_and_each_subdirectory_once_and_stops_when_told() {
+        let keys = [
+            "a", "b//c", "b/x", "d/e/1", "d/e/2", "d/f", "d0", "d/", "e", "z/y",
+        ];
+        let idx: BTreeMap<Key, Location> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (Key::from(*k), at(i as u64)))
+            .collect();
+        let all = ["a@0", "hidden", "b/", "hidden", "d/", "d0@6", "e@8", "z/"];
+        assert_eq!(walk(&idx, "", 100), (strings(&all), true));
+        // "d/" (an empty name) and "b//c" are no paths; "d/e" is passed over at once.
+        let under_d = ["hidden", "e/", "f@5"];
+        assert_eq!(walk(&idx, "d/", 100), (strings(&under_d), true));
+        assert_eq!(walk(&idx, "b/", 100), (strings(&["hidden", "x@2"]), true));
+        assert_eq!(walk(&idx, "q/", 100), (vec![], true));
+        assert_eq!(walk(&idx, "", 3), (strings(&all[..3]), false));
     }
 }

@@ -34,7 +34,7 @@ use content::Content;
 use control::ControlFile;
 pub use error::{FsError, FsResult};
 use futures::StreamExt;
-use inodes::{Inodes, NodeKind, CONTROL_DIR_INO, ROOT_INO};
+use inodes::{FastMap, Inodes, NodeKind, CONTROL_DIR_INO, ROOT_INO};
 use meta::{MetaCache, ValueMeta};
 use names::{
     after_subtree, has_path_under, is_shadowed, join, key_is_path, new_component, CONTROL_DIR,
@@ -173,20 +173,20 @@ pub struct S4Fs {
     cfg: FsConfig,
     started: SystemTime,
     inodes: Mutex<Inodes>,
-    open_files: Mutex<HashMap<u64, Arc<OpenFile>>>,
-    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    open_files: Mutex<FastMap<u64, Arc<OpenFile>>>,
+    handles: Mutex<FastMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
     meta: MetaCache,
     resolving: Mutex<HashMap<Location, Arc<tokio::sync::OnceCell<ValueMeta>>>>,
     /// Data files whose hint object was looked for, and whether it exists.
     hinted: Mutex<HashMap<u64, Arc<tokio::sync::OnceCell<bool>>>>,
     /// Per inode, the entry whose bytes the kernel's page cache holds.
-    cached: Mutex<HashMap<u64, Location>>,
+    cached: Mutex<FastMap<u64, Location>>,
     cache_hits: AtomicU64,
     small_values: ValueCache,
     /// Inodes whose name was unlinked or replaced, with the value they had:
     /// handles opened before keep reading that version, not the new one.
-    detached: Mutex<HashMap<u64, Location>>,
+    detached: Mutex<FastMap<u64, Location>>,
     last_error: Mutex<String>,
     upload_wanted: tokio::sync::Notify,
     last_write: Mutex<Instant>,
@@ -195,7 +195,7 @@ pub struct S4Fs {
     /// The kernel's caches (FUSE notify), once the session runs.
     invalidator: Mutex<Option<Arc<dyn invalidate::Invalidate>>>,
     /// Per file inode, what `stat` last showed of it.
-    served: Mutex<HashMap<u64, invalidate::Served>>,
+    served: Mutex<FastMap<u64, invalidate::Served>>,
     /// Cold reads seen, to tell a scan; offset maps of scanned data files.
     scan: Mutex<scan::ScanState>,
     /// Where background work runs (calls may come from the FUSE thread).
@@ -240,23 +240,23 @@ impl S4Fs {
             cfg,
             started: SystemTime::now(),
             inodes: Mutex::new(Inodes::default()),
-            open_files: Mutex::new(HashMap::new()),
-            handles: Mutex::new(HashMap::new()),
+            open_files: Mutex::new(FastMap::default()),
+            handles: Mutex::new(FastMap::default()),
             next_fh: AtomicU64::new(1),
             meta,
             resolving: Mutex::new(HashMap::new()),
             hinted: Mutex::new(HashMap::new()),
-            cached: Mutex::new(HashMap::new()),
+            cached: Mutex::new(FastMap::default()),
             cache_hits: AtomicU64::new(0),
             small_values: ValueCache::default(),
-            detached: Mutex::new(HashMap::new()),
+            detached: Mutex::new(FastMap::default()),
             last_error: Mutex::new(String::new()),
             upload_wanted: tokio::sync::Notify::new(),
             last_write: Mutex::new(Instant::now()),
             // Writes replayed from a process that died count from now.
             first_unsynced: Mutex::new(db_unsynced.then(Instant::now)),
             invalidator: Mutex::new(None),
-            served: Mutex::new(HashMap::new()),
+            served: Mutex::new(FastMap::default()),
             scan: Mutex::new(scan::ScanState::default()),
             rt: tokio::runtime::Handle::current(),
             maint: Mutex::new(Default::default()),
