@@ -377,11 +377,12 @@ impl S4db {
         // The table first: most keys have no record (none at all in a
         // database the Python package wrote), and a hash lookup is cheaper
         // than the index's ordered one.
-        if !state.attrs.files.contains_key(key) && !state.attrs.spare.contains_key(key) {
-            return None;
-        }
+        let mut records = state.attrs.records_of(key).peekable();
+        records.peek()?;
         let loc = *state.index.entries.get(key)?;
-        state.attrs.file_at(key, loc).cloned()
+        records
+            .find(|r| same_entry(r.loc, loc))
+            .map(|r| r.attrs.clone())
     }
 
     /// The attributes of the value of `key` at `loc` (an older version that

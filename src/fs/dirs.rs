@@ -15,14 +15,11 @@ impl S4Fs {
             walk_children(idx, &prefix, |child| {
                 match child {
                     IndexChild::Dir(name) if usable(name) => {
-                        out.insert(name.to_string(), Listed::DIR);
+                        out.insert(name.to_string(), Listed::Dir);
                     }
                     IndexChild::File(name, loc) if usable(name) => {
-                        let file = Listed {
-                            kind: NodeKind::File,
-                            loc: Some(loc),
-                        };
-                        out.entry(name.to_string()).or_insert(file);
+                        out.entry(name.to_string())
+                            .or_insert(Listed::File(Some(loc)));
                     }
                     _ => {}
                 }
@@ -36,7 +33,7 @@ impl S4Fs {
                 };
                 let child = rest.split('/').next().unwrap_or(rest);
                 if usable(child) {
-                    out.insert(child.to_string(), Listed::DIR);
+                    out.insert(child.to_string(), Listed::Dir);
                 }
             }
         });
@@ -46,14 +43,10 @@ impl S4Fs {
                 if let Some(rest) = p.strip_prefix(&prefix) {
                     match rest.split_once('/') {
                         Some((child, _)) => {
-                            out.insert(child.to_string(), Listed::DIR);
+                            out.insert(child.to_string(), Listed::Dir);
                         }
                         None => {
-                            let created = Listed {
-                                kind: NodeKind::File,
-                                loc: None,
-                            };
-                            out.entry(rest.to_string()).or_insert(created);
+                            out.entry(rest.to_string()).or_insert(Listed::File(None));
                         }
                     }
                 }
@@ -135,10 +128,10 @@ impl S4Fs {
                 let inodes = lock(&self.inodes);
                 for (name, listed) in children {
                     let path = join(&dir, &name);
-                    let kind = match (listed.kind, listed.loc) {
-                        (NodeKind::Dir, _) => FileKind::Dir,
-                        (NodeKind::File, None) => FileKind::Regular, // being created
-                        (NodeKind::File, Some(loc)) => {
+                    let kind = match listed {
+                        Listed::Dir => FileKind::Dir,
+                        Listed::File(None) => FileKind::Regular, // being created
+                        Listed::File(Some(loc)) => {
                             let kind = self.db.attrs_at(&path, loc).map(|a| a.kind);
                             unknown.push((path.clone(), loc));
                             kind.unwrap_or(FileKind::Regular)
@@ -298,16 +291,9 @@ impl S4Fs {
 /// A child in a listing: a directory, or a file with the location the
 /// index gave it (none for a file being created).
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Listed {
-    pub kind: NodeKind,
-    pub loc: Option<Location>,
-}
-
-impl Listed {
-    const DIR: Listed = Listed {
-        kind: NodeKind::Dir,
-        loc: None,
-    };
+pub(super) enum Listed {
+    Dir,
+    File(Option<Location>),
 }
 
 /// What the index holds right under a directory.
