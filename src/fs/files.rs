@@ -119,7 +119,8 @@ impl S4Fs {
 
     pub async fn open(&self, ino: u64, flags: i32) -> FsResult<Opened> {
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
-        let truncate = flags & libc::O_TRUNC != 0;
+        // No O_TRUNC here: without FUSE_ATOMIC_O_TRUNC (see `fuse::init`)
+        // the kernel truncates with a SETATTR once its own checks passed.
         if let Some(c) = ControlFile::from_ino(ino) {
             if writable && !c.is_action() {
                 return Err(FsError::NotPermitted("this control file is read-only"));
@@ -140,7 +141,7 @@ impl S4Fs {
         if kind == NodeKind::Dir {
             return Err(FsError::IsDir);
         }
-        if writable || truncate {
+        if writable {
             self.check_writable()?;
         }
         let loc = self.location_of(ino, &path);
@@ -158,14 +159,8 @@ impl S4Fs {
             if d.content.is_none() {
                 d.open_loc = loc;
             }
-            if truncate {
-                d.content = Some(Content::empty(&self.cfg.spill_dir));
-                d.dirty = true;
-                d.mtime = SystemTime::now();
-            }
         }
-        let keep_cache =
-            !writable && !truncate && loc.is_some() && lock(&self.cached).get(&ino) == loc.as_ref();
+        let keep_cache = !writable && loc.is_some() && lock(&self.cached).get(&ino) == loc.as_ref();
         let fh = self.add_handle(Handle::File {
             ino,
             open,

@@ -68,10 +68,11 @@ impl Fixture {
         let parent = self.dir(dir).await;
         let fh = match self.fs.lookup(parent, &os(name)).await {
             Ok(a) => {
-                self.fs
-                    .open(a.ino, libc::O_WRONLY | libc::O_TRUNC)
-                    .await?
-                    .fh
+                // As the kernel sends an O_TRUNC open: the open, then a
+                // truncating SETATTR.
+                let fh = self.fs.open(a.ino, libc::O_WRONLY).await?.fh;
+                self.fs.setattr(a.ino, SetAttr::size(0)).await?;
+                fh
             }
             Err(_) => {
                 self.fs
