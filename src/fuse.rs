@@ -7,7 +7,7 @@
 
 use crate::buffer_pool::BufferPool;
 use crate::fs::attrs::{Caller, SetAttr, SetTime, XattrMode};
-use crate::fs::{Attr, FileKind, FsError, FsResult, S4Fs};
+use crate::fs::{Attr, FileKind, FsError, FsResult, PlusFill, S4Fs};
 use fuser::{
     consts, FileAttr, FileType, Filesystem, KernelConfig, ReplyAttr, ReplyCreate, ReplyData,
     ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
@@ -23,8 +23,19 @@ use std::time::{Duration, Instant, SystemTime};
 /// long, because nothing changes them behind the daemon's back except a
 /// refresh it runs itself, which invalidates what changed (`KernelCaches`).
 const TTL: Duration = Duration::from_secs(3600);
-/// Entries prepared per READDIRPLUS call (more than fit in a reply page).
-const PLUS_BATCH: usize = 64;
+/// The calls that change nothing. Every other call is counted as a change
+/// while it runs (`fs::changes`): a listing page made ahead is not sent if
+/// one overlapped it.
+const READ_ONLY: [&str; 8] = [
+    "lookup",
+    "getattr",
+    "readlink",
+    "getxattr",
+    "listxattr",
+    "open",
+    "read",
+    "readdirplus",
+];
 /// Largest write the kernel sends at once.
 const MAX_WRITE: u32 = 1024 * 1024;
 
@@ -61,9 +72,11 @@ impl FuseAdapter {
     {
         let _runtime = self.rt.enter(); // tokio's timers and I/O need its context
         let started = Instant::now();
+        let changing = (!READ_ONLY.contains(&op)).then(|| self.fs.changes().begin());
         let call = f(self.fs.clone());
         let mut task = Box::pin(async move {
             let errno = call.await;
+            drop(changing);
             crate::metrics::global().fuse_call(op, started, errno);
         });
         let mut cx = Context::from_waker(Waker::noop());
@@ -234,6 +247,7 @@ impl Filesystem for FuseAdapter {
 
     fn forget(&mut self, _req: &Request<'_>, ino: u64, nlookup: u64) {
         let started = Instant::now();
+        let _changing = self.fs.changes().begin();
         self.fs.forget(ino, nlookup);
         answered("forget", started, 0);
     }
@@ -286,12 +300,14 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         let started = Instant::now();
+        let _changing = self.fs.changes().begin();
         let r = reply_entry(reply, self.fs.mkdir(parent, name, mode, caller(req)));
         answered("mkdir", started, r);
     }
 
     fn unlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
         let started = Instant::now();
+        let _changing = self.fs.changes().begin();
         answered(
             "unlink",
             started,
@@ -301,6 +317,7 @@ impl Filesystem for FuseAdapter {
 
     fn rmdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
         let started = Instant::now();
+        let _changing = self.fs.changes().begin();
         answered(
             "rmdir",
             started,
@@ -615,21 +632,25 @@ impl Filesystem for FuseAdapter {
         mut reply: ReplyDirectoryPlus,
     ) {
         self.spawn("readdirplus", move |fs| async move {
-            let entries = match fs.readdirplus(fh, offset.max(0) as u64, PLUS_BATCH).await {
+            let entries = match fs.readdirplus(fh, offset.max(0) as u64).await {
                 Ok(e) => e,
                 Err(e) => return fail(&e, |n| reply.error(n)),
             };
             let mut sent = Vec::with_capacity(entries.len());
-            for e in entries {
+            let mut filled = PlusFill::Room;
+            let mut resume = None; // where the kernel asks next
+            for (i, e) in entries.iter().enumerate() {
                 let attr = file_attr(&e.attr);
                 if reply.add(attr.ino, e.next_offset as i64, &e.name, &TTL, &attr, 0) {
+                    filled = PlusFill::Full(i);
                     break;
                 }
+                resume = Some(e.next_offset);
                 if e.counted {
                     sent.push(attr.ino);
                 }
             }
-            fs.entries_sent(&sent);
+            fs.entries_sent(fh, &sent, filled, resume);
             reply.ok();
             0
         });

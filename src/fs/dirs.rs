@@ -146,10 +146,12 @@ impl S4Fs {
             }
             self.prefetch_sizes(unknown);
         }
-        Ok(self.add_handle(Handle::Dir {
+        Ok(self.add_handle(Handle::Dir(Listing {
             path,
             entries: Arc::new(entries),
-        }))
+            plus_batch: AtomicUsize::new(self.plus_batch.load(Ordering::Relaxed)),
+            ahead: Mutex::new(None),
+        })))
     }
 
     /// A listing is usually followed by a `stat` of each entry (`ls -l`):
@@ -180,25 +182,44 @@ impl S4Fs {
     /// The listing taken at opendir (the adapter pages through it).
     pub fn readdir(&self, fh: u64) -> FsResult<Arc<Vec<DirEntry>>> {
         match &*self.handle(fh)? {
-            Handle::Dir { entries, .. } => Ok(entries.clone()),
+            Handle::Dir(l) => Ok(l.entries.clone()),
             _ => Err(FsError::BadHandle),
         }
     }
 
-    /// Up to `max` entries from `offset` with their attributes (READDIRPLUS:
-    /// `ls -l` then needs no lookup per file). Entries come bound to inodes
-    /// without a kernel reference; the adapter calls [`S4Fs::entries_sent`]
-    /// for those that fit in its reply. Entries that vanished are skipped.
-    pub async fn readdirplus(&self, fh: u64, offset: u64, max: usize) -> FsResult<Vec<PlusEntry>> {
+    /// Entries from `offset` with their attributes (READDIRPLUS: `ls -l`
+    /// then needs no lookup per file), as many as the listing expects the
+    /// kernel's reply page to hold: the page prepared ahead if nothing
+    /// changed meanwhile, else made now. Entries come bound to inodes
+    /// without a kernel reference; the adapter calls
+    /// [`S4Fs::entries_sent`] with those that fit in its reply. Entries
+    /// that vanished are skipped.
+    pub async fn readdirplus(&self, fh: u64, offset: u64) -> FsResult<Vec<PlusEntry>> {
         let h = self.handle(fh)?;
-        let Handle::Dir { path, entries } = &*h else {
+        let Handle::Dir(l) = &*h else {
             return Err(FsError::BadHandle);
         };
+        let ahead = lock(&l.ahead).take().filter(|a| a.offset == offset);
+        if let Some(ahead) = ahead {
+            if let Ok(page) = ahead.page.await {
+                if self.changes.unchanged_since(page.mark) {
+                    return Ok(page.entries);
+                }
+            }
+        }
+        Ok(self.plus_page(l, offset).await.entries)
+    }
+
+    /// The READDIRPLUS page of `l` at `offset`, and the change mark it was
+    /// made at.
+    async fn plus_page(&self, l: &Listing, offset: u64) -> PlusPage {
+        let mark = self.changes.mark();
+        let max = l.plus_batch.load(Ordering::Relaxed);
         let mut out = Vec::with_capacity(max);
-        for (i, e) in entries.iter().enumerate().skip(offset as usize).take(max) {
+        for (i, e) in l.entries.iter().enumerate().skip(offset as usize).take(max) {
             let fixed = |attr| (attr, false);
             let (attr, counted) = if e.name == "." || e.name == ".." {
-                let dir = path.as_deref().unwrap_or(CONTROL_DIR);
+                let dir = l.path.as_deref().unwrap_or(CONTROL_DIR);
                 let (ino, dir) = match e.name.as_str() {
                     "." => (e.ino, dir),
                     _ => (ROOT_INO, ""),
@@ -206,10 +227,10 @@ impl S4Fs {
                 fixed(self.dir_attr(ino, dir))
             } else if e.ino == CONTROL_DIR_INO {
                 fixed(self.control_dir_attr())
-            } else if let Some(c) = ControlFile::from_ino(e.ino).filter(|_| path.is_none()) {
+            } else if let Some(c) = ControlFile::from_ino(e.ino).filter(|_| l.path.is_none()) {
                 fixed(self.control_attr(c))
             } else {
-                let child = join(path.as_deref().unwrap_or_default(), &e.name);
+                let child = join(l.path.as_deref().unwrap_or_default(), &e.name);
                 let kind = match e.kind {
                     FileKind::Dir => NodeKind::Dir,
                     _ => NodeKind::File,
@@ -227,15 +248,47 @@ impl S4Fs {
                 counted,
             });
         }
-        Ok(out)
+        PlusPage { mark, entries: out }
     }
 
-    /// The kernel now holds a reference to each of these inodes.
-    pub fn entries_sent(&self, inos: &[u64]) {
-        let mut inodes = lock(&self.inodes);
-        for ino in inos {
-            inodes.add_lookup(*ino);
+    /// The kernel now holds a reference to each of `inos`, sent in a reply
+    /// to READDIRPLUS on `fh` that `filled` says whether it filled up. The
+    /// page at `resume` (where the kernel asks next) is then made on the
+    /// runtime, while the kernel takes in this one and the reader works
+    /// through it: a walk's daemon work overlaps its reader's.
+    pub fn entries_sent(
+        self: &Arc<Self>,
+        fh: u64,
+        inos: &[u64],
+        filled: PlusFill,
+        resume: Option<u64>,
+    ) {
+        {
+            let mut inodes = lock(&self.inodes);
+            for ino in inos {
+                inodes.add_lookup(*ino);
+            }
         }
+        let Ok(h) = self.handle(fh) else {
+            return;
+        };
+        let Handle::Dir(l) = &*h else {
+            return;
+        };
+        let next = next_plus_batch(l.plus_batch.load(Ordering::Relaxed), filled);
+        l.plus_batch.store(next, Ordering::Relaxed);
+        self.plus_batch.store(next, Ordering::Relaxed);
+        let Some(offset) = resume.filter(|o| (*o as usize) < l.entries.len()) else {
+            return;
+        };
+        let (tx, page) = tokio::sync::oneshot::channel();
+        *lock(&l.ahead) = Some(Ahead { offset, page });
+        let fs = self.clone();
+        self.rt.spawn(async move {
+            if let Handle::Dir(l) = &*h {
+                let _ = tx.send(fs.plus_page(l, offset).await);
+            }
+        });
     }
 
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> FsResult<Attr> {
@@ -286,6 +339,63 @@ impl S4Fs {
         lock(&self.inodes).unbind(&path);
         Ok(())
     }
+}
+
+/// An open directory: its entries as of opendir, paged through by
+/// READDIR and READDIRPLUS.
+#[derive(Debug)]
+pub(super) struct Listing {
+    /// The directory's path; `None` for `.s4db`.
+    path: Option<String>,
+    entries: Arc<Vec<DirEntry>>,
+    /// Entries to prepare for the next READDIRPLUS (`next_plus_batch`).
+    plus_batch: AtomicUsize,
+    /// The next READDIRPLUS page, being made while the kernel takes in
+    /// the last one.
+    ahead: Mutex<Option<Ahead>>,
+}
+
+/// A READDIRPLUS page made ahead, for the request at `offset`.
+#[derive(Debug)]
+pub(super) struct Ahead {
+    offset: u64,
+    page: tokio::sync::oneshot::Receiver<PlusPage>,
+}
+
+/// Entries of a READDIRPLUS page, made at change mark `mark`: sent only if
+/// nothing changed since (`changes::Changes`).
+#[derive(Debug)]
+pub(super) struct PlusPage {
+    mark: u64,
+    entries: Vec<PlusEntry>,
+}
+
+/// How a READDIRPLUS reply ended: the kernel's page took `Full(n)` entries
+/// and no more, or had `Room` for every entry prepared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlusFill {
+    Full(usize),
+    Room,
+}
+
+/// Entries a new listing prepares for its first READDIRPLUS, before any
+/// listing has learned what a reply page holds.
+pub(super) const FIRST_PLUS_BATCH: usize = 64;
+/// More entries than a 128 KiB page (the kernel's largest) can hold.
+const MOST_PLUS_BATCH: usize = 1024;
+
+/// How many entries to prepare for the next READDIRPLUS. The kernel's reply
+/// page is the reader's `getdents` buffer (32 KiB from glibc's `readdir`,
+/// about 200 entries), which the request does not show us: a batch grows
+/// while every entry fits and settles just above what a full page took. A
+/// walk then makes a third of the round trips a fixed 64 needed, and few
+/// entries are looked up that do not fit.
+fn next_plus_batch(batch: usize, filled: PlusFill) -> usize {
+    match filled {
+        PlusFill::Full(n) => n + n / 8 + 1,
+        PlusFill::Room => batch * 2,
+    }
+    .min(MOST_PLUS_BATCH)
 }
 
 /// A child in a listing: a directory, or a file with the location the
@@ -345,6 +455,26 @@ fn walk_children<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_plus_batch_grows_to_the_kernels_page_and_settles_just_above() {
+        let mut batch = FIRST_PLUS_BATCH;
+        let page = 204; // a 32 KiB page of 7-character names
+        let mut sizes = Vec::new();
+        for _ in 0..5 {
+            let filled = if batch > page {
+                PlusFill::Full(page)
+            } else {
+                PlusFill::Room
+            };
+            batch = next_plus_batch(batch, filled);
+            sizes.push(batch);
+        }
+        assert_eq!(sizes, [128, 256, 230, 230, 230]);
+        assert_eq!(next_plus_batch(800, PlusFill::Room), MOST_PLUS_BATCH);
+        // A page that takes nothing still asks for an entry next time.
+        assert_eq!(next_plus_batch(64, PlusFill::Full(0)), 1);
+    }
 
     fn at(offset: u64) -> Location {
         Location {

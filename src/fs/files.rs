@@ -310,7 +310,7 @@ impl S4Fs {
                 let end = (start + size as usize).min(snapshot.len());
                 Ok(snapshot[start..end].to_vec())
             }
-            Handle::Dir { .. } => Err(FsError::IsDir),
+            Handle::Dir(_) => Err(FsError::IsDir),
             Handle::File { ino, open, .. } => {
                 let (path, _) = self.node(*ino)?;
                 let mut d = open.data.lock().await;
@@ -342,7 +342,7 @@ impl S4Fs {
                 self.run_control(*file).await?;
                 Ok(data.len() as u32)
             }
-            Handle::Dir { .. } => Err(FsError::IsDir),
+            Handle::Dir(_) => Err(FsError::IsDir),
             Handle::File {
                 ino,
                 open,

@@ -54,6 +54,7 @@ impl S4Fs {
     /// session thread: the kernel may hold a directory lock for a request
     /// that thread has yet to read, and a notify waits for that lock.
     pub(super) async fn invalidate_changed(&self) {
+        self.changes.changed();
         let Some(inv) = lock(&self.invalidator).clone() else {
             return;
         };

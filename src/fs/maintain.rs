@@ -135,6 +135,7 @@ impl S4Fs {
             }
             match round {
                 Ok(r) => {
+                    self.changes.changed();
                     // Values did not change, only where they are: their sizes
                     // and put times move along.
                     for (_, old, new) in &r.moves {

@@ -7,6 +7,7 @@
 //! handles and become one put when a handle is flushed (close) or fsynced.
 
 pub mod attrs;
+pub mod changes;
 pub mod content;
 pub mod control;
 mod dirs;
@@ -32,6 +33,7 @@ use crate::format::{range_from, Key, Location, Value};
 use crate::remote::MeteredStore;
 use content::Content;
 use control::ControlFile;
+pub use dirs::PlusFill;
 pub use error::{FsError, FsResult};
 use futures::StreamExt;
 use inodes::{FastMap, Inodes, NodeKind, CONTROL_DIR_INO, ROOT_INO};
@@ -42,7 +44,7 @@ use names::{
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ffi::OsStr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 use value_cache::{ValueCache, SMALL_ENTRY};
@@ -154,11 +156,7 @@ enum Handle {
         append: bool,
         writable: bool,
     },
-    Dir {
-        /// The directory's path; `None` for `.s4db`.
-        path: Option<String>,
-        entries: Arc<Vec<DirEntry>>,
-    },
+    Dir(dirs::Listing),
     Control {
         file: ControlFile,
         snapshot: Vec<u8>,
@@ -180,6 +178,11 @@ pub struct S4Fs {
     resolving: Mutex<HashMap<Location, Arc<tokio::sync::OnceCell<ValueMeta>>>>,
     /// Data files whose hint object was looked for, and whether it exists.
     hinted: Mutex<HashMap<u64, Arc<tokio::sync::OnceCell<bool>>>>,
+    /// The READDIRPLUS batch the last listing settled on: a new listing
+    /// starts there (a walk's directories are read by the same buffer).
+    plus_batch: AtomicUsize,
+    /// Changes counted for work prepared ahead (`changes`).
+    changes: Arc<changes::Changes>,
     /// Per inode, the entry whose bytes the kernel's page cache holds.
     cached: Mutex<FastMap<u64, Location>>,
     cache_hits: AtomicU64,
@@ -246,6 +249,8 @@ impl S4Fs {
             meta,
             resolving: Mutex::new(HashMap::new()),
             hinted: Mutex::new(HashMap::new()),
+            plus_batch: AtomicUsize::new(dirs::FIRST_PLUS_BATCH),
+            changes: Arc::default(),
             cached: Mutex::new(FastMap::default()),
             cache_hits: AtomicU64::new(0),
             small_values: ValueCache::default(),
@@ -270,6 +275,11 @@ impl S4Fs {
 
     pub fn db(&self) -> &S4db {
         &self.db
+    }
+
+    /// Where FUSE calls that may change something are counted.
+    pub fn changes(&self) -> &Arc<changes::Changes> {
+        &self.changes
     }
 
     // ----- attributes -------------------------------------------------------

@@ -207,6 +207,7 @@ impl S4Fs {
 
     /// Something was put or deleted: schedule the debounced upload.
     pub(super) fn wrote(&self) {
+        self.changes.changed();
         let now = Instant::now();
         *lock(&self.last_write) = now;
         lock(&self.first_unsynced).get_or_insert(now);

@@ -109,6 +109,35 @@ impl Fixture {
     }
 }
 
+/// The next READDIRPLUS page is made ahead, while the kernel takes in the
+/// last one; a change made meanwhile is not sent stale.
+#[tokio::test]
+async fn a_listing_page_made_ahead_is_made_again_after_a_change() {
+    let f = fixture(&[
+        ("a/b", Value::from("first")),
+        ("a/c", Value::from("second")),
+    ])
+    .await;
+    let fh = f.fs.opendir(f.dir("a").await).unwrap();
+    let page = f.fs.readdirplus(fh, 0).await.unwrap();
+    let names: Vec<_> = page.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, [".", "..", "b", "c"]);
+    // As if the kernel's page took `.`, `..` and `b`: `c`'s page is made
+    // ahead (on this single-threaded runtime, at the next yield).
+    let resume = page[2].next_offset;
+    f.fs.entries_sent(fh, &[page[2].attr.ino], PlusFill::Full(3), Some(resume));
+    tokio::task::yield_now().await;
+    f.write_file("a/c", b"changed meanwhile").await.unwrap();
+    let next = f.fs.readdirplus(fh, resume).await.unwrap();
+    assert_eq!((next[0].name.as_str(), next[0].attr.size), ("c", 17));
+    // Unchanged since it was made ahead: sent as made.
+    f.fs.entries_sent(fh, &[], PlusFill::Full(0), Some(resume));
+    tokio::task::yield_now().await;
+    let again = f.fs.readdirplus(fh, resume).await.unwrap();
+    assert_eq!((again[0].name.as_str(), again[0].attr.size), ("c", 17));
+    f.fs.releasedir(fh);
+}
+
 #[tokio::test]
 async fn files_directories_and_control_files() {
     let f = fixture(&[
@@ -123,12 +152,12 @@ async fn files_directories_and_control_files() {
     assert_eq!(f.names("d").await, vec!["e"]);
     // READDIRPLUS: attributes with the names, and inodes bound for them.
     let fh = f.fs.opendir(f.dir("a").await).unwrap();
-    let plus = f.fs.readdirplus(fh, 2, 64).await.unwrap();
-    f.fs.releasedir(fh);
+    let plus = f.fs.readdirplus(fh, 2).await.unwrap();
     assert_eq!(plus.len(), 1);
     assert_eq!((plus[0].name.as_str(), plus[0].attr.size), ("b", 9));
     assert!(plus[0].counted);
-    f.fs.entries_sent(&[plus[0].attr.ino]);
+    f.fs.entries_sent(fh, &[plus[0].attr.ino], PlusFill::Room, None);
+    f.fs.releasedir(fh);
     assert_eq!(f.fs.getattr(plus[0].attr.ino).await.unwrap().size, 9);
     assert_eq!(f.read_file("a/b").await.unwrap(), b"committed");
     f.write_file("a/new", &[0xff, 0]).await.unwrap();
