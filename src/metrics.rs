@@ -86,6 +86,7 @@ pub struct Metrics {
     compaction_removed_bytes: Counter,
     gc_runs: Family<OutcomeLabel, Counter>,
     gc_removed_objects: Counter,
+    listing_pages: Family<OutcomeLabel, Counter>,
     gc_removed_bytes: Counter,
     /// Bytes written through the mount since the upload that will carry them began.
     unsynced_bytes: AtomicI64,
@@ -196,6 +197,7 @@ impl Metrics {
             conflicts: Counter::default(),
             rebases: Counter::default(),
             last_upload: Gauge::default(),
+            listing_pages: Family::default(),
             compactions: Family::default(),
             compaction_removed_objects: Counter::default(),
             compaction_removed_bytes: Counter::default(),
@@ -296,6 +298,12 @@ impl Metrics {
             "When the last successful upload finished (Unix time; 0: none yet)",
             Unit::Seconds,
             m.last_upload.clone(),
+        );
+        r.register(
+            "listing_pages",
+            "READDIRPLUS pages sent, by how they were made (ahead: while the kernel took in the \
+             last page; remade: made ahead, but a change overlapped it; on_request)",
+            m.listing_pages.clone(),
         );
         r.register(
             "compactions",
@@ -473,6 +481,13 @@ impl Metrics {
             self.compaction_removed_bytes
                 .inc_by(r.bytes_read.saturating_sub(r.bytes_written));
         }
+    }
+
+    /// A READDIRPLUS page sent: `outcome` says how it was made.
+    pub fn listing_page(&self, outcome: &'static str) {
+        self.listing_pages
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
     }
 
     pub fn gc(&self, ok: bool, objects: u64, bytes: u64) {

@@ -133,7 +133,9 @@ impl S4Fs {
                         Listed::File(None) => FileKind::Regular, // being created
                         Listed::File(Some(loc)) => {
                             let kind = self.db.attrs_at(&path, loc).map(|a| a.kind);
-                            unknown.push((path.clone(), loc));
+                            if self.meta.get(loc).is_none() {
+                                unknown.push((path.clone(), loc));
+                            }
                             kind.unwrap_or(FileKind::Regular)
                         }
                     };
@@ -146,21 +148,24 @@ impl S4Fs {
             }
             self.prefetch_sizes(unknown);
         }
-        Ok(self.add_handle(Handle::Dir(Listing {
+        // The first page is small, made when asked for; the second, of the
+        // size the last listing learned, is made from now on, while the
+        // first goes to the reader.
+        let listing = Arc::new(Handle::Dir(Listing {
             path,
             entries: Arc::new(entries),
-            plus_batch: AtomicUsize::new(self.plus_batch.load(Ordering::Relaxed)),
+            plus_batch: AtomicUsize::new(FIRST_PLUS_BATCH),
             ahead: Mutex::new(None),
-        })))
+        }));
+        let learned = self.plus_batch.load(Ordering::Relaxed);
+        self.make_ahead(listing.clone(), FIRST_PLUS_BATCH as u64, learned);
+        Ok(self.add_handle(listing))
     }
 
     /// A listing is usually followed by a `stat` of each entry (`ls -l`):
-    /// resolve the sizes nobody knows yet now, with requests in parallel.
-    pub(super) fn prefetch_sizes(self: &Arc<Self>, listed: Vec<(String, Location)>) {
-        let wanted: Vec<(String, Location)> = listed
-            .into_iter()
-            .filter(|(_, l)| self.meta.get(*l).is_none())
-            .collect();
+    /// resolve the sizes nobody knows yet (`wanted`) now, with requests in
+    /// parallel.
+    pub(super) fn prefetch_sizes(self: &Arc<Self>, wanted: Vec<(String, Location)>) {
         if wanted.is_empty() {
             return;
         }
@@ -200,21 +205,25 @@ impl S4Fs {
             return Err(FsError::BadHandle);
         };
         let ahead = lock(&l.ahead).take().filter(|a| a.offset == offset);
+        let mut made = "on_request";
         if let Some(ahead) = ahead {
             if let Ok(page) = ahead.page.await {
                 if self.changes.unchanged_since(page.mark) {
+                    crate::metrics::global().listing_page("ahead");
                     return Ok(page.entries);
                 }
+                made = "remade";
             }
         }
-        Ok(self.plus_page(l, offset).await.entries)
+        crate::metrics::global().listing_page(made);
+        let max = l.plus_batch.load(Ordering::Relaxed);
+        Ok(self.plus_page(l, offset, max).await.entries)
     }
 
-    /// The READDIRPLUS page of `l` at `offset`, and the change mark it was
-    /// made at.
-    async fn plus_page(&self, l: &Listing, offset: u64) -> PlusPage {
+    /// The READDIRPLUS page of `l` of up to `max` entries at `offset`, and
+    /// the change mark it was made at.
+    async fn plus_page(&self, l: &Listing, offset: u64, max: usize) -> PlusPage {
         let mark = self.changes.mark();
-        let max = l.plus_batch.load(Ordering::Relaxed);
         let mut out = Vec::with_capacity(max);
         for (i, e) in l.entries.iter().enumerate().skip(offset as usize).take(max) {
             let fixed = |attr| (attr, false);
@@ -275,18 +284,33 @@ impl S4Fs {
         let Handle::Dir(l) = &*h else {
             return;
         };
-        let next = next_plus_batch(l.plus_batch.load(Ordering::Relaxed), filled);
+        let learned = self.plus_batch.load(Ordering::Relaxed);
+        let next = next_plus_batch(l.plus_batch.load(Ordering::Relaxed), filled, learned);
         l.plus_batch.store(next, Ordering::Relaxed);
         self.plus_batch.store(next, Ordering::Relaxed);
-        let Some(offset) = resume.filter(|o| (*o as usize) < l.entries.len()) else {
+        if let Some(offset) = resume {
+            let made = lock(&l.ahead).as_ref().is_some_and(|a| a.offset == offset);
+            if !made {
+                self.make_ahead(h.clone(), offset, next);
+            }
+        }
+    }
+
+    /// Starts making the page of `max` entries at `offset` of listing `h`
+    /// on the runtime, for [`S4Fs::readdirplus`] to take when asked for it.
+    fn make_ahead(self: &Arc<Self>, h: Arc<Handle>, offset: u64, max: usize) {
+        let Handle::Dir(l) = &*h else {
             return;
         };
+        if offset as usize >= l.entries.len() {
+            return;
+        }
         let (tx, page) = tokio::sync::oneshot::channel();
         *lock(&l.ahead) = Some(Ahead { offset, page });
         let fs = self.clone();
         self.rt.spawn(async move {
             if let Handle::Dir(l) = &*h {
-                let _ = tx.send(fs.plus_page(l, offset).await);
+                let _ = tx.send(fs.plus_page(l, offset, max).await);
             }
         });
     }
@@ -378,9 +402,10 @@ pub enum PlusFill {
     Room,
 }
 
-/// Entries a new listing prepares for its first READDIRPLUS, before any
-/// listing has learned what a reply page holds.
-pub(super) const FIRST_PLUS_BATCH: usize = 64;
+/// Entries in a listing's first READDIRPLUS page: few, as that page is made
+/// when the kernel asks for it, where the next is made while the first is
+/// sent (and is as large as the last listing learned).
+pub(super) const FIRST_PLUS_BATCH: usize = 32;
 /// More entries than a 128 KiB page (the kernel's largest) can hold.
 const MOST_PLUS_BATCH: usize = 1024;
 
@@ -390,10 +415,12 @@ const MOST_PLUS_BATCH: usize = 1024;
 /// while every entry fits and settles just above what a full page took. A
 /// walk then makes a third of the round trips a fixed 64 needed, and few
 /// entries are looked up that do not fit.
-fn next_plus_batch(batch: usize, filled: PlusFill) -> usize {
+/// `learned` is where the last listing settled: a batch that had room grows
+/// to at least that at once.
+fn next_plus_batch(batch: usize, filled: PlusFill, learned: usize) -> usize {
     match filled {
         PlusFill::Full(n) => n + n / 8 + 1,
-        PlusFill::Room => batch * 2,
+        PlusFill::Room => (batch * 2).max(learned),
     }
     .min(MOST_PLUS_BATCH)
 }
@@ -458,22 +485,27 @@ mod tests {
 
     #[test]
     fn a_plus_batch_grows_to_the_kernels_page_and_settles_just_above() {
-        let mut batch = FIRST_PLUS_BATCH;
         let page = 204; // a 32 KiB page of 7-character names
-        let mut sizes = Vec::new();
-        for _ in 0..5 {
-            let filled = if batch > page {
+        let fill = |batch: usize| {
+            if batch > page {
                 PlusFill::Full(page)
             } else {
                 PlusFill::Room
-            };
-            batch = next_plus_batch(batch, filled);
+            }
+        };
+        let (mut batch, mut learned) = (FIRST_PLUS_BATCH, FIRST_PLUS_BATCH);
+        let mut sizes = Vec::new();
+        for _ in 0..5 {
+            batch = next_plus_batch(batch, fill(batch), learned);
+            learned = batch;
             sizes.push(batch);
         }
-        assert_eq!(sizes, [128, 256, 230, 230, 230]);
-        assert_eq!(next_plus_batch(800, PlusFill::Room), MOST_PLUS_BATCH);
+        assert_eq!(sizes, [64, 128, 256, 230, 230]);
+        // The next listing's small first page is followed by a learned one.
+        assert_eq!(next_plus_batch(FIRST_PLUS_BATCH, PlusFill::Room, 230), 230);
+        assert_eq!(next_plus_batch(800, PlusFill::Room, 230), MOST_PLUS_BATCH);
         // A page that takes nothing still asks for an entry next time.
-        assert_eq!(next_plus_batch(64, PlusFill::Full(0)), 1);
+        assert_eq!(next_plus_batch(64, PlusFill::Full(0), 230), 1);
     }
 
     fn at(offset: u64) -> Location {

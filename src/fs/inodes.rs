@@ -192,12 +192,9 @@ impl Inodes {
     /// inode if there is one, else a stable hash (`d_ino` is informational;
     /// the kernel looks the name up before using it).
     pub fn listing_ino(&self, path: &str) -> u64 {
-        use std::hash::{Hash, Hasher};
-        self.ino_of(path).unwrap_or_else(|| {
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            path.hash(&mut h);
-            h.finish() | (1 << 63)
-        })
+        use std::hash::BuildHasher;
+        self.ino_of(path)
+            .unwrap_or_else(|| foldhash::fast::FixedState::default().hash_one(path) | (1 << 63))
     }
 }
 

@@ -589,9 +589,9 @@ impl S4Fs {
         lock(&self.inodes).bind_linked(path, kind, link, lookup)
     }
 
-    fn add_handle(&self, h: Handle) -> u64 {
+    fn add_handle(&self, h: impl Into<Arc<Handle>>) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        lock(&self.handles).insert(fh, Arc::new(h));
+        lock(&self.handles).insert(fh, h.into());
         fh
     }
 

@@ -70,7 +70,12 @@ pub fn join(parent: &str, name: &str) -> String {
     if parent.is_empty() {
         name.to_string()
     } else {
-        format!("{parent}/{name}")
+        // Not `format!`: this runs for every entry of every listing.
+        let mut path = String::with_capacity(parent.len() + 1 + name.len());
+        path.push_str(parent);
+        path.push('/');
+        path.push_str(name);
+        path
     }
 }
 
