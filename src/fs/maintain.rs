@@ -128,6 +128,8 @@ impl S4Fs {
     pub(super) async fn compact_turn(&self, opts: &CompactOptions) {
         for _ in 0..ROUNDS_PER_TURN {
             let round = self.db.compact_round(opts).await;
+            // Keys may have moved, even in a round that failed part way.
+            self.changes.changed();
             if !matches!(&round, Ok(r) if !r.did_work())
                 && !matches!(round, Err(crate::Error::Unsynced(_)))
             {
@@ -135,7 +137,6 @@ impl S4Fs {
             }
             match round {
                 Ok(r) => {
-                    self.changes.changed();
                     // Values did not change, only where they are: their sizes
                     // and put times move along.
                     for (_, old, new) in &r.moves {

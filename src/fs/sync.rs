@@ -114,6 +114,8 @@ impl S4Fs {
             self.check_writable()?;
         }
         let result = self.control_op(c).await;
+        // Keys may have moved or come in (compaction, download, refresh).
+        self.changes.changed();
         if let Err(e) = &result {
             self.record_error(c.name(), e);
         }
