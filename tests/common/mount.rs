@@ -19,11 +19,8 @@ use std::time::{Duration, Instant};
 
 /// How long a daemon may take to show its mount, or to fail.
 pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long a daemon may take to exit after an unmount (it uploads pending
-/// writes first). Generous: pjdfstest leaves a 2 GiB data file (a file it
-/// truncated that far), and moto assembles its multipart upload in Python,
-/// 40 s on a busy 2-core machine.
-pub const EXIT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a daemon may take to exit after an unmount (it uploads pending writes first).
+pub const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a background upload (`--upload-delay`, daemon-mode unmount) may take to show.
 pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 /// A shell command still running after this long is stuck on a hung FUSE request.
