@@ -26,7 +26,7 @@ const TTL: Duration = Duration::from_secs(3600);
 /// The calls that change nothing. Every other call is counted as a change
 /// while it runs (`fs::changes`): a listing page made ahead is not sent if
 /// one overlapped it.
-const READ_ONLY: [&str; 8] = [
+const READ_ONLY: [&str; 14] = [
     "lookup",
     "getattr",
     "readlink",
@@ -34,7 +34,13 @@ const READ_ONLY: [&str; 8] = [
     "listxattr",
     "open",
     "read",
+    "opendir",
+    "readdir",
     "readdirplus",
+    "releasedir",
+    "fsyncdir",
+    "statfs",
+    "access",
 ];
 /// Largest write the kernel sends at once.
 const MAX_WRITE: u32 = 1024 * 1024;
@@ -72,7 +78,7 @@ impl FuseAdapter {
     {
         let _runtime = self.rt.enter(); // tokio's timers and I/O need its context
         let started = Instant::now();
-        let changing = (!READ_ONLY.contains(&op)).then(|| self.fs.changes().begin());
+        let changing = self.changing(op);
         let call = f(self.fs.clone());
         let mut task = Box::pin(async move {
             let errno = call.await;
@@ -86,15 +92,24 @@ impl FuseAdapter {
             self.rt.spawn(task);
         }
     }
+
+    /// Runs `f`, which replies, right here on the session thread: the calls
+    /// that never wait. Counted and recorded as [`FuseAdapter::spawn`] does.
+    fn here(&self, op: &'static str, f: impl FnOnce(&Arc<S4Fs>) -> Replied) {
+        let started = Instant::now();
+        let _changing = self.changing(op);
+        let errno = f(&self.fs);
+        crate::metrics::global().fuse_call(op, started, errno);
+    }
+
+    /// A change under way for the whole of call `op`, unless it is read-only.
+    fn changing(&self, op: &'static str) -> Option<crate::fs::changes::Changing> {
+        (!READ_ONLY.contains(&op)).then(|| self.fs.changes().begin())
+    }
 }
 
 /// What a call replied: 0 for success, else the errno sent.
 type Replied = i32;
-
-/// Records a call answered on the session thread (see [`FuseAdapter::spawn`]).
-fn answered(op: &'static str, started: Instant, errno: Replied) {
-    crate::metrics::global().fuse_call(op, started, errno);
-}
 
 /// Sends `e`'s errno and returns it.
 fn fail(e: &FsError, reply: impl FnOnce(i32)) -> Replied {
@@ -246,10 +261,10 @@ impl Filesystem for FuseAdapter {
     }
 
     fn forget(&mut self, _req: &Request<'_>, ino: u64, nlookup: u64) {
-        let started = Instant::now();
-        let _changing = self.fs.changes().begin();
-        self.fs.forget(ino, nlookup);
-        answered("forget", started, 0);
+        self.here("forget", |fs| {
+            fs.forget(ino, nlookup);
+            0
+        });
     }
 
     fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
@@ -299,30 +314,17 @@ impl Filesystem for FuseAdapter {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        let started = Instant::now();
-        let _changing = self.fs.changes().begin();
-        let r = reply_entry(reply, self.fs.mkdir(parent, name, mode, caller(req)));
-        answered("mkdir", started, r);
+        self.here("mkdir", |fs| {
+            reply_entry(reply, fs.mkdir(parent, name, mode, caller(req)))
+        });
     }
 
     fn unlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
-        let started = Instant::now();
-        let _changing = self.fs.changes().begin();
-        answered(
-            "unlink",
-            started,
-            reply_empty(reply, self.fs.unlink(parent, name)),
-        );
+        self.here("unlink", |fs| reply_empty(reply, fs.unlink(parent, name)));
     }
 
     fn rmdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
-        let started = Instant::now();
-        let _changing = self.fs.changes().begin();
-        answered(
-            "rmdir",
-            started,
-            reply_empty(reply, self.fs.rmdir(parent, name)),
-        );
+        self.here("rmdir", |fs| reply_empty(reply, fs.rmdir(parent, name)));
     }
 
     fn symlink(
@@ -590,15 +592,13 @@ impl Filesystem for FuseAdapter {
     }
 
     fn opendir(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
-        let started = Instant::now();
-        let r = match self.fs.opendir(ino) {
+        self.here("opendir", |fs| match fs.opendir(ino) {
             Ok(fh) => {
                 reply.opened(fh, 0);
                 0
             }
             Err(e) => fail(&e, |n| reply.error(n)),
-        };
-        answered("opendir", started, r);
+        });
     }
 
     fn readdir(
@@ -609,18 +609,19 @@ impl Filesystem for FuseAdapter {
         offset: i64,
         mut reply: ReplyDirectory,
     ) {
-        let started = Instant::now();
-        let entries = match self.fs.readdir(fh) {
-            Ok(e) => e,
-            Err(e) => return answered("readdir", started, fail(&e, |n| reply.error(n))),
-        };
-        for (i, e) in entries.iter().enumerate().skip(offset.max(0) as usize) {
-            if reply.add(e.ino, (i + 1) as i64, file_type(e.kind), &e.name) {
-                break;
+        self.here("readdir", |fs| {
+            let entries = match fs.readdir(fh) {
+                Ok(e) => e,
+                Err(e) => return fail(&e, |n| reply.error(n)),
+            };
+            for (i, e) in entries.iter().enumerate().skip(offset.max(0) as usize) {
+                if reply.add(e.ino, (i + 1) as i64, file_type(e.kind), &e.name) {
+                    break;
+                }
             }
-        }
-        reply.ok();
-        answered("readdir", started, 0);
+            reply.ok();
+            0
+        });
     }
 
     fn readdirplus(
@@ -664,10 +665,11 @@ impl Filesystem for FuseAdapter {
         _flags: i32,
         reply: ReplyEmpty,
     ) {
-        let started = Instant::now();
-        self.fs.releasedir(fh);
-        reply.ok();
-        answered("releasedir", started, 0);
+        self.here("releasedir", |fs| {
+            fs.releasedir(fh);
+            reply.ok();
+            0
+        });
     }
 
     fn fsyncdir(
@@ -678,22 +680,27 @@ impl Filesystem for FuseAdapter {
         _data: bool,
         reply: ReplyEmpty,
     ) {
-        answered("fsyncdir", Instant::now(), 0);
-        reply.ok();
+        self.here("fsyncdir", |_| {
+            reply.ok();
+            0
+        });
     }
 
     fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {
-        let started = Instant::now();
-        let s = self.fs.statfs();
-        reply.statfs(
-            s.blocks, s.bfree, s.bfree, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
-        );
-        answered("statfs", started, 0);
+        self.here("statfs", |fs| {
+            let s = fs.statfs();
+            reply.statfs(
+                s.blocks, s.bfree, s.bfree, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
+            );
+            0
+        });
     }
 
     fn access(&mut self, _req: &Request<'_>, _ino: u64, _mask: i32, reply: ReplyEmpty) {
-        answered("access", Instant::now(), 0);
-        reply.ok();
+        self.here("access", |_| {
+            reply.ok();
+            0
+        });
     }
 }
 
