@@ -767,8 +767,8 @@ timed() { # timed WID COMMAND [SPEC...]: runs COMMAND in the mount (plus the pub
   fi
   # Untimed: dirty pages earlier workloads left (a peer's cache, a 1 GiB file) are
   # written back now, not on this workload's clock, and the local disk's `sync` writes
-  # only its own. The VM's disk is shared and its speed varies: in one run the 1 GiB
-  # write + publish took s4db 32 s (7.6 s in the run before) and the local disk 16.8 s.
+  # only its own. (The 1 GiB writes still vary with how fast this VM hands out fresh
+  # memory: docs/benchmark-notes.md, fifth session.)
   sync
   t0=$(now)
   if [[ $status == ok ]]; then
