@@ -756,6 +756,12 @@ timed() { # timed WID COMMAND [SPEC...]: runs COMMAND in the mount (plus the pub
     status=fail
   fi
   [[ $# -gt 0 ]] && cmd="$cmd && $(publish_cmd "$TOOL" "$wid" "$@")"
+  # Untimed: dirty pages earlier workloads left (a peer's cache, a 1 GiB file) are
+  # written back now, not on this workload's clock, and the local disk's `sync` writes
+  # only its own. Before the counts are read: whatever a mount sends on a sync is not
+  # charged to the workload. (The 1 GiB writes still vary with how fast this VM hands
+  # out fresh memory: docs/benchmark-notes.md, fifth session.)
+  sync
   sa=$(s4stats "$TOOL")
   ra=$(reqline)
   local hwm=- anon=- sampler=""
@@ -765,11 +771,6 @@ timed() { # timed WID COMMAND [SPEC...]: runs COMMAND in the mount (plus the pub
     helper sample-rss "$DAEMON" "$WORK/anon" &
     sampler=$!
   fi
-  # Untimed: dirty pages earlier workloads left (a peer's cache, a 1 GiB file) are
-  # written back now, not on this workload's clock, and the local disk's `sync` writes
-  # only its own. (The 1 GiB writes still vary with how fast this VM hands out fresh
-  # memory: docs/benchmark-notes.md, fifth session.)
-  sync
   t0=$(now)
   if [[ $status == ok ]]; then
     # In the background and waited for: a trapped signal interrupts `wait` at once,
